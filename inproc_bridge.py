@@ -1,0 +1,1629 @@
+"""An in-process transport for ``urllib.request``: no socket, no port.
+
+``opener.open("inproc://api/v1/chat")`` runs an HTTP app that lives in the same
+process -- an unmodified ``http.server.BaseHTTPRequestHandler`` subclass or a
+WSGI callable -- and hands back an ``http.client.HTTPResponse`` whose body
+streams chunk by chunk as the app produces it (SSE, NDJSON)::
+
+    >>> import urllib.request, inproc_bridge
+    >>> def app(environ, start_response):
+    ...     start_response("200 OK", [("Content-Type", "text/plain")])
+    ...     return [b"hello from ", environ["PATH_INFO"].encode()]
+    >>> opener = urllib.request.build_opener(inproc_bridge.InProcHandler({"api": app}))
+    >>> with opener.open("inproc://api/v1/chat") as resp:
+    ...     print(resp.status, resp.read())
+    200 b'hello from /v1/chat'
+
+Everything urllib does for ``http://`` -- error statuses as ``HTTPError``,
+redirects, cookies, auth handlers -- applies to ``inproc://`` too.  With
+``intercept_http=True`` the bridge also serves ``http://`` and ``https://``
+URLs whose host is a mount name.  ``OpenerFactory`` hands out openers that tag
+their requests with a call-site ``Source``; the app reads it with
+``current_source()``.  Run ``python -m inproc_bridge`` for a self-test.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import email.utils
+import errno
+import functools
+import http.client
+import io
+import logging
+import queue
+import re
+import socket
+import socketserver
+import string
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    Union,
+)
+from wsgiref.util import FileWrapper
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # urllib side
+    "InProcHandler",
+    "OpenerFactory",
+    "BridgeError",
+    # inside an app, while it serves a request
+    "current_source",
+    "current_actor",
+    "cancelled",
+    # call-site tags
+    "Source",
+    "SOURCE_AGENTS",
+    # the body pipe
+    "BodyPipe",
+]
+
+_log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+#: Bytes a pipe holds before its writer blocks.  One MiB keeps a fast app a
+#: few chunks ahead of its reader without letting memory grow with the body.
+PIPE_LIMIT = 1 << 20
+
+#: What a handler class sees as ``client_address`` and a WSGI app as
+#: ``REMOTE_ADDR``.
+CLIENT_ADDRESS = ("127.0.0.1", 0)
+
+#: Seconds an idle worker thread waits for a new request before it exits.
+WORKER_IDLE_SECONDS = 10.0
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# What wsgiref answers when an app fails before responding.
+_ERROR_STATUS = "500 Internal Server Error"
+_ERROR_BODY = b"A server error occurred.  Please contact the administrator."
+
+# RFC 9110 token characters for header names; values may not carry CR, LF or
+# NUL (http.client refuses line breaks too, so a request is refused alike on
+# both paths).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\r\n\x00]")
+_BAD_URL_CHAR = re.compile("[\x00-\x20\x7f]")
+_BAD_METHOD_CHAR = re.compile("[\x00-\x1f]")
+_STATUS = re.compile(r"[1-9][0-9]{2} [^\r\n\x00]*")
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]@/?#\s]+)(?::([0-9]*))?")
+_HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    )
+)
+
+# ---------------------------------------------------------------------------
+# Exceptions, call-site tags and the per-request context
+# ---------------------------------------------------------------------------
+
+
+class BridgeError(urllib.error.URLError):
+    """A request the bridge cannot serve: unknown mount name, bad host, or a
+    factory with nothing mounted.  A ``URLError``, so code that handles
+    urllib's errors handles it too."""
+
+
+class Source(str):
+    """Names the call site a request came from (``"agents"``, ``"billing"``).
+
+    A ``str`` subclass so it logs and compares as text; the app reads it with
+    ``current_source()`` or ``environ["inproc.source"]``.  It travels out of
+    band, never as a header, so a caller cannot forge it.
+    """
+
+    __slots__ = ()
+
+
+SOURCE_AGENTS = Source("agents")
+
+
+class _Exchange:
+    """What an app may learn about the request it serves, out of band."""
+
+    __slots__ = ("name", "source", "actor", "gone", "_event")
+
+    def __init__(self, name: str, source: Optional[Source], actor: Any) -> None:
+        self.name = name
+        self.source = source
+        self.actor = actor
+        self.gone = False
+        self._event: Optional[threading.Event] = None
+
+    def leave(self) -> None:
+        """The caller closed, dropped or timed out on the response."""
+        self.gone = True
+        event = self._event
+        if event is not None:
+            event.set()
+
+    def event(self) -> threading.Event:
+        # Built on first use: most requests never ask, and an Event costs
+        # more than the rest of a small request's bookkeeping.
+        event = self._event
+        if event is None:
+            with _EVENT_LOCK:
+                event = self._event
+                if event is None:
+                    event = self._event = threading.Event()
+            # leave() sets ``gone`` before it reads ``_event``; checking after
+            # publishing covers a caller that left in between.
+            if self.gone:
+                event.set()
+        return event
+
+
+_EVENT_LOCK = threading.Lock()
+_exchange: contextvars.ContextVar[Optional[_Exchange]] = contextvars.ContextVar(
+    "inproc_bridge_exchange", default=None
+)
+
+
+def current_source() -> Optional[Source]:
+    """The ``Source`` of the request being served, or ``None`` (no source
+    given, or not called from inside an app)."""
+    exchange = _exchange.get()
+    return exchange.source if exchange is not None else None
+
+
+def current_actor() -> Any:
+    """The actor given to ``opener_for``/``InProcHandler`` for the request
+    being served, or ``None``."""
+    exchange = _exchange.get()
+    return exchange.actor if exchange is not None else None
+
+
+def cancelled() -> threading.Event:
+    """An event that is set once the caller is gone: it closed or dropped the
+    response, or its ``timeout`` passed.  Raises ``RuntimeError`` outside a
+    request served by the bridge."""
+    exchange = _exchange.get()
+    if exchange is None:
+        raise RuntimeError("cancelled() called outside a request served by inproc_bridge")
+    return exchange.event()
+
+
+def _effective_timeout(timeout: Any) -> Optional[float]:
+    if timeout is socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
+        return socket.getdefaulttimeout()
+    return timeout  # type: ignore[no-any-return]
+
+
+def _failure(name: str, when: str, exc: BaseException) -> ConnectionResetError:
+    """The error a reader gets when the app failed mid-response."""
+    err = ConnectionResetError(
+        errno.ECONNRESET,
+        "in-process app %r failed %s: %s: %s" % (name, when, type(exc).__name__, exc),
+    )
+    err.__cause__ = exc
+    return err
+
+
+def _log_app_error(exchange: _Exchange, when: str, exc: BaseException) -> None:
+    if exchange.gone and isinstance(exc, OSError):
+        # The caller left and the app's next write said so: the normal way a
+        # streaming app learns it, not a fault.
+        _log.debug("app %r stopped after its caller left: %r", exchange.name, exc)
+        return
+    _log.error(
+        "in-process app %r raised %s (source=%s, actor=%r)",
+        exchange.name,
+        when,
+        exchange.source,
+        exchange.actor,
+        exc_info=(type(exc), exc, exc.__traceback__),
+        extra={"inproc_source": exchange.source, "inproc_actor": exchange.actor},
+    )
+
+
+# ---------------------------------------------------------------------------
+# The pipe
+# ---------------------------------------------------------------------------
+
+
+class _End:
+    """Queued after the last chunk; carries the error the writer ended with."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Optional[BaseException]) -> None:
+        self.error = error
+
+
+class _ChunkQueue(queue.Queue):  # type: ignore[type-arg]
+    """A ``queue.Queue`` bounded by bytes: an item weighs its length (a marker
+    weighs 1), so the bound holds whatever size the writer's chunks are."""
+
+    def _init(self, maxsize: int) -> None:
+        self.queue: collections.deque[Any] = collections.deque()
+        self.level = 0
+        self.reader_gone = False
+
+    def _qsize(self) -> int:
+        return self.level
+
+    def _put(self, item: Any) -> None:
+        self.queue.append(item)
+        self.level += len(item) if type(item) is bytes else 1
+
+    def _get(self) -> Any:
+        item = self.queue.popleft()
+        self.level -= len(item) if type(item) is bytes else 1
+        return item
+
+    def push(self, item: Any, timeout: Optional[float], bounded: bool = True) -> None:
+        with self.not_full:
+            if bounded and self.level >= self.maxsize and not self.reader_gone:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while self.level >= self.maxsize and not self.reader_gone:
+                    if deadline is None:
+                        self.not_full.wait()
+                    else:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise socket.timeout("timed out")
+                        self.not_full.wait(left)
+            if self.reader_gone:
+                raise BrokenPipeError(errno.EPIPE, "the reading end of the pipe is closed")
+            self._put(item)
+            self.not_empty.notify()
+
+    def pull(self, limit: int, timeout: Optional[float]) -> List[Any]:
+        """Every queued item up to ``limit`` bytes (at least one): a reader
+        that wakes up takes all that is waiting, not one chunk per hop."""
+        with self.not_empty:
+            if not self.queue:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while not self.queue:
+                    if deadline is None:
+                        self.not_empty.wait()
+                    else:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise socket.timeout("timed out")
+                        self.not_empty.wait(left)
+            items = [self._get()]
+            taken = len(items[0]) if type(items[0]) is bytes else 0
+            while self.queue and taken < limit:
+                item = self._get()
+                items.append(item)
+                if type(item) is not bytes:
+                    break
+                taken += len(item)
+            self.not_full.notify()
+            return items
+
+    def drop_reader(self) -> None:
+        with self.mutex:
+            self.reader_gone = True
+            self.queue.clear()
+            self.level = 0
+            self.not_full.notify_all()
+
+
+class BodyPipe(io.RawIOBase):
+    """A one-way byte pipe between two threads, backed by a ``queue.Queue``.
+
+    The writer calls ``write()`` and ends with ``close_writer()`` -- or
+    ``close_writer(error)``, which the reader raises once it has read the
+    bytes written before it.  The reader uses it as any raw binary file
+    (``read``, ``readinto``, ``readall``; wrap it in ``io.BufferedReader`` for
+    ``readline``).
+
+    * Bounded: ``write()`` blocks while ``limit`` bytes wait unread, so a slow
+      reader holds a fast writer back.  Immutable ``bytes`` chunks pass by
+      reference; other buffers are copied once, as ``socket.send`` would.
+    * A zero-length write is a no-op, not end of stream.
+    * ``read_timeout``/``write_timeout`` (seconds, ``None`` = wait forever)
+      make a blocked call raise ``socket.timeout``; after a read times out the
+      pipe refuses further reads, as a socket file does.
+    * ``close()`` is the reader's: it is idempotent, discards what is queued,
+      and makes the writer's next (or blocked) ``write()`` raise
+      ``BrokenPipeError``.
+    """
+
+    def __init__(
+        self,
+        limit: int = PIPE_LIMIT,
+        *,
+        read_timeout: Optional[float] = None,
+        write_timeout: Optional[float] = None,
+    ) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1 byte")
+        super().__init__()
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self._queue = _ChunkQueue(limit)
+        self._chunk: Optional[memoryview] = None
+        self._end: Optional[_End] = None
+        self._writer_done = False
+        self._timed_out = False
+        self._on_close: Optional[Callable[[], None]] = None
+
+    # -- writer side --------------------------------------------------------
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        """Queue ``b`` for the reader; return its length.  Blocks while the
+        pipe is full; ``BrokenPipeError`` once the reader has closed."""
+        data = b if type(b) is bytes else memoryview(b).tobytes()
+        if self._writer_done:
+            raise ValueError("write to a pipe whose writer has finished")
+        if data:
+            self._queue.push(data, self.write_timeout)
+        return len(data)
+
+    def close_writer(self, error: Optional[BaseException] = None) -> None:
+        """End the stream: the reader gets EOF, or ``error`` raised after the
+        bytes before it.  Never blocks; idempotent; a no-op once the reader
+        has closed."""
+        if self._writer_done:
+            return
+        self._writer_done = True
+        try:
+            self._queue.push(_End(error), None, bounded=False)
+        except BrokenPipeError:
+            pass
+
+    @property
+    def reader_closed(self) -> bool:
+        """True once the reader has closed its end."""
+        return self._queue.reader_gone
+
+    # -- reader side --------------------------------------------------------
+
+    def readable(self) -> bool:
+        return True
+
+    def _refill(self, limit: int) -> bool:
+        """Take what is queued; False at the end of the stream."""
+        if self._end is not None:
+            if self._end.error is not None:
+                raise self._end.error
+            return False
+        if self.closed:
+            raise ValueError("read from a closed pipe")
+        if self._timed_out:
+            raise OSError("cannot read from timed out object")
+        try:
+            items = self._queue.pull(limit, self.read_timeout)
+        except socket.timeout:
+            self._timed_out = True
+            raise
+        chunks = []
+        for item in items:
+            if type(item) is bytes:
+                chunks.append(item)
+            elif isinstance(item, _End):
+                self._end = item
+        if not chunks:
+            return self._refill(limit)
+        self._chunk = memoryview(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        return True
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        want = len(view)
+        if not want:
+            return 0
+        chunk = self._chunk
+        if chunk is None:
+            if not self._refill(want):
+                return 0
+            chunk = self._chunk
+            assert chunk is not None  # for the type checker; _refill set it
+        n = min(want, len(chunk))
+        view[:n] = chunk[:n]
+        self._chunk = chunk[n:] if n < len(chunk) else None
+        return n
+
+    def readall(self) -> bytes:
+        parts = []
+        while True:
+            if self._chunk is not None:
+                parts.append(self._chunk.tobytes())
+                self._chunk = None
+            if not self._refill(PIPE_LIMIT):
+                return b"".join(parts)
+
+    def close(self) -> None:
+        """Close the reading end (idempotent): the writer's next write raises
+        ``BrokenPipeError``."""
+        if not self.closed:
+            self._queue.drop_reader()
+            self._chunk = None
+            on_close, self._on_close = self._on_close, None
+            if on_close is not None:
+                on_close()
+        super().close()
+
+    def _put_head(self, head: Any) -> None:
+        # The WSGI worker path sends status and headers through the same
+        # queue as the body, so the caller waits on one thing.
+        self._queue.push(head, None, bounded=False)
+
+    def _take_head(self) -> Any:
+        try:
+            (item,) = self._queue.pull(0, self.read_timeout)
+        except socket.timeout:
+            self._timed_out = True
+            raise
+        if isinstance(item, _End):
+            self._end = item
+            if item.error is not None:
+                raise item.error
+            raise http.client.RemoteDisconnected("in-process app ended without a response")
+        return item
+
+
+# ---------------------------------------------------------------------------
+# Worker threads
+# ---------------------------------------------------------------------------
+
+
+class _Slot:
+    __slots__ = ("wake", "job")
+
+    def __init__(self) -> None:
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.job: Optional[Callable[[], None]] = None
+
+
+class _Workers:
+    """Daemon threads that run apps off the caller's thread; the module owns
+    the one pool.  A thread costs ~130 us to start and join here, so idle ones
+    are kept (LIFO, the warmest first) and exit after ``WORKER_IDLE_SECONDS``.
+    The pool grows without bound: a nested in-process call made from inside
+    an app never waits for a worker that cannot come."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: List[_Slot] = []
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            slot = self._idle.pop() if self._idle else None
+        if slot is None:
+            thread = threading.Thread(
+                target=self._run, args=(job,), name="inproc_bridge-worker", daemon=True
+            )
+            thread.start()
+        else:
+            slot.job = job
+            # A bare lock is the cheapest cross-thread wake-up CPython has.
+            slot.wake.release()
+
+    def _run(self, job: Callable[[], None]) -> None:
+        slot = _Slot()
+        while True:
+            try:
+                job()
+            except BaseException:  # noqa: BLE001 - a worker must survive its job
+                _log.exception("inproc_bridge worker job failed")
+            job = None  # type: ignore[assignment]
+            with self._lock:
+                self._idle.append(slot)
+            if not slot.wake.acquire(timeout=WORKER_IDLE_SECONDS):
+                with self._lock:
+                    if slot in self._idle:
+                        self._idle.remove(slot)
+                        return
+                # submit() took this slot just as the wait ran out.
+                slot.wake.acquire()
+            job, slot.job = slot.job, None  # type: ignore[assignment]
+
+    def idle(self) -> int:
+        """How many workers wait for a job (for tests and the self-test)."""
+        with self._lock:
+            return len(self._idle)
+
+
+_workers = _Workers()
+
+# ---------------------------------------------------------------------------
+# Server side: the http.server shim
+# ---------------------------------------------------------------------------
+
+
+class _StubServer:
+    """What a handler class sees as ``self.server`` when none was mounted."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.server_name = host
+        self.server_port = port
+        self.server_address = (host, port)
+
+
+class _WireOut(io.RawIOBase):
+    """The raw file under a buffered ``wfile``: writes go to the response
+    pipe; closing it (``finish()`` does) leaves the pipe to the bridge."""
+
+    def __init__(self, conn: "_HandlerSocket") -> None:
+        super().__init__()
+        self._conn = conn
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        return self._conn.send(b)
+
+
+class _HandlerSocket:
+    """The in-memory socket a handler class gets as ``request`` and
+    ``connection``: it reads the request pipe and writes the response pipe."""
+
+    def __init__(self, run: "_HandlerRun") -> None:
+        self._run = run
+
+    def makefile(self, mode: str = "r", buffering: Optional[int] = None, **_: Any) -> Any:
+        if "w" in mode:
+            raw: io.RawIOBase = _WireOut(self)
+            pipe_is_raw = False
+        else:
+            raw = self._run.inbound
+            pipe_is_raw = True
+        if buffering == 0:
+            return raw
+        size = io.DEFAULT_BUFFER_SIZE if buffering is None or buffering < 0 else buffering
+        if pipe_is_raw:
+            return io.BufferedReader(raw, size)
+        return io.BufferedWriter(raw, size)
+
+    def sendall(self, data: Any) -> None:
+        self.send(data)
+
+    def send(self, data: Any) -> int:
+        n = self._run.outbound.write(data)
+        if n:
+            self._run.started = True
+        return n
+
+    def recv(self, size: int) -> bytes:
+        return self._run.inbound.read(size) or b""
+
+    def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
+        view = memoryview(buffer)
+        return self._run.inbound.readinto(view[:nbytes] if nbytes else view) or 0
+
+    def settimeout(self, timeout: Optional[float]) -> None:
+        self._run.inbound.read_timeout = timeout
+
+    def gettimeout(self) -> Optional[float]:
+        return self._run.inbound.read_timeout
+
+    def setsockopt(self, *args: Any) -> None:
+        pass
+
+    def getsockopt(self, *args: Any) -> int:
+        return 0
+
+    def getpeername(self) -> Tuple[str, int]:
+        return CLIENT_ADDRESS
+
+    def getsockname(self) -> Tuple[str, int]:
+        return ("127.0.0.1", 0)
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("an in-process connection has no file descriptor")
+
+    def shutdown(self, how: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _HandlerRun:
+    """One request to a handler class: the two pipes between the caller and a
+    worker thread, and the job that runs the handler's life cycle there."""
+
+    def __init__(self, entry: "_Entry", exchange: _Exchange, ctx: contextvars.Context,
+                 timeout: Optional[float]) -> None:
+        self.entry = entry
+        self.exchange = exchange
+        self.ctx = ctx
+        self.inbound = BodyPipe(write_timeout=timeout)  # caller -> rfile
+        self.outbound = BodyPipe(read_timeout=timeout)  # wfile -> caller
+        self.outbound._on_close = exchange.leave
+        self.started = False
+        self.launched = False
+
+    def launch(self) -> None:
+        if not self.launched:
+            self.launched = True
+            _workers.submit(functools.partial(self.ctx.run, self._serve))
+
+    def _serve(self) -> None:
+        entry, out = self.entry, self.outbound
+        error: Optional[BaseException] = None
+        try:
+            entry.app(_HandlerSocket(self), CLIENT_ADDRESS, entry.server)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit too: the process must survive
+            error = exc
+        finally:
+            # Request bytes nobody will read are dropped, as a socket's
+            # buffer would swallow them, so a caller still sending is freed.
+            self.inbound.close()
+        try:
+            if error is None:
+                if not self.started:
+                    out.write(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+                out.close_writer()
+            elif not self.started:
+                _log_app_error(self.exchange, "before responding", error)
+                out.write(
+                    b"HTTP/1.0 %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                    % (_ERROR_STATUS.encode(), len(_ERROR_BODY), _ERROR_BODY)
+                )
+                out.close_writer()
+            else:
+                _log_app_error(self.exchange, "after its response started", error)
+                out.close_writer(_failure(self.exchange.name, "after its response started", error))
+        except BrokenPipeError:
+            pass  # the caller is gone; nobody is left to tell
+
+
+class _ClientSocket:
+    """The caller's end of a handler-class request, shaped as the socket
+    ``http.client`` writes the request to and reads the response from."""
+
+    def __init__(self, run: _HandlerRun) -> None:
+        self._run = run
+        self._file: Optional[io.BufferedReader] = None
+
+    def sendall(self, data: Any) -> None:
+        run = self._run
+        try:
+            run.inbound.write(data)
+        except BrokenPipeError:
+            pass  # the app finished without reading it all: dropped, as TCP would
+        # Start the app once its first bytes wait for it, so it does not wake
+        # up to an empty pipe (a wasted thread hop).
+        run.launch()
+
+    def send(self, data: Any) -> int:
+        self.sendall(data)
+        return len(data)
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        # http.client asks for the response file once the request is sent:
+        # the app's rfile may now see EOF after the body instead of waiting
+        # for bytes that can never come.
+        self._run.inbound.close_writer()
+        self._run.launch()
+        self._file = io.BufferedReader(self._run.outbound)
+        return self._file
+
+    def settimeout(self, timeout: Optional[float]) -> None:
+        self._run.inbound.write_timeout = timeout
+        self._run.outbound.read_timeout = timeout
+
+    def setsockopt(self, *args: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._file is None:
+            # No response object owns the pipe yet: the request failed while
+            # sending, so the app must learn that its caller is gone.
+            self._run.inbound.close_writer()
+            self._run.outbound.close()
+
+
+# ---------------------------------------------------------------------------
+# Server side: WSGI
+# ---------------------------------------------------------------------------
+
+
+class _ErrorLog(io.TextIOBase):
+    """``wsgi.errors``: text written here goes to the ``inproc_bridge`` logger."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        text = s.rstrip("\n")
+        if text:
+            _log.warning("wsgi.errors: %s", text)
+        return len(s)
+
+
+_WSGI_ERRORS = _ErrorLog()
+
+
+class _RequestBody(io.RawIOBase):
+    """``wsgi.input`` for a file or iterable request body: pulled as the app
+    reads, so a slow app holds the caller's producer back.  A failure of the
+    caller's own body is kept for the caller; the app sees a broken read."""
+
+    def __init__(self, data: Any, call: "_WSGICall") -> None:
+        super().__init__()
+        self._call = call
+        if hasattr(data, "read"):
+            self._chunks: Optional[Iterator[Any]] = iter(functools.partial(data.read, 8192), b"")
+            self._text = isinstance(data, io.TextIOBase)
+        else:
+            self._chunks = iter(data)
+            self._text = False
+        self._chunk = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        while not len(self._chunk):
+            if self._chunks is None:
+                return 0
+            try:
+                item = next(self._chunks)
+                if self._text and isinstance(item, str):
+                    item = item.encode("iso-8859-1")
+                elif isinstance(item, str) or not isinstance(item, (bytes, bytearray, memoryview)):
+                    raise TypeError(
+                        "request body items must be bytes-like, not %s" % type(item).__name__
+                    )
+            except StopIteration:
+                self._chunks = None
+                return 0
+            except BaseException as exc:
+                self._chunks = None
+                self._call.body_error = exc
+                raise ConnectionAbortedError(
+                    errno.ECONNABORTED, "the caller's request body failed: %r" % (exc,)
+                ) from None
+            if isinstance(item, str) and not self._text:
+                item = item.encode("iso-8859-1")
+            self._chunk = memoryview(item if type(item) is bytes else bytes(item))
+        n = min(len(view), len(self._chunk))
+        view[:n] = self._chunk[:n]
+        self._chunk = self._chunk[n:]
+        return n
+
+
+def _check_chunk(data: Any) -> bytes:
+    if type(data) is bytes:
+        return data  # type: ignore[no-any-return]
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError("WSGI apps must produce bytes, not %s (PEP 3333)" % type(data).__name__)
+
+
+_Head = Tuple[int, str, List[Tuple[str, str]], bytes]
+
+
+class _WSGICall:
+    """One call of a WSGI app: ``start_response``, ``write``, the iterable
+    and its ``close()``, checked as PEP 3333 asks.  The same object serves
+    the caller-thread path (the caller pulls chunks) and the worker path (the
+    worker pushes them into a ``BodyPipe``)."""
+
+    def __init__(self, app: Callable[..., Any], environ: Dict[str, Any], exchange: _Exchange,
+                 method: str) -> None:
+        self.app = app
+        self.environ = environ
+        self.exchange = exchange
+        self.method = method
+        self.status: Optional[str] = None
+        self.headers: List[Tuple[str, str]] = []
+        self.head_sent = False
+        self.result: Any = None
+        self.iterator: Optional[Iterator[Any]] = None
+        self.pending: List[bytes] = []
+        self.body_error: Optional[BaseException] = None
+        self.sink: Optional[BodyPipe] = None
+        self.closed = False
+
+    def start_response(self, status: str, headers: List[Tuple[str, str]],
+                       exc_info: Any = None) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise RuntimeError("start_response() called a second time without exc_info (PEP 3333)")
+        if type(status) is not str or not _STATUS.fullmatch(status):
+            raise ValueError("bad WSGI status %r: want a str like '200 OK'" % (status,))
+        if type(headers) is not list:
+            raise TypeError("WSGI response headers must be a list, not %s" % type(headers).__name__)
+        for item in headers:
+            if type(item) is not tuple or len(item) != 2:
+                raise TypeError("WSGI response header %r is not a (name, value) tuple" % (item,))
+            name, value = item
+            if type(name) is not str or type(value) is not str:
+                raise TypeError("WSGI response header %r: name and value must be str" % (item,))
+            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+                raise ValueError("invalid WSGI response header %r" % (item,))
+            if name.lower() in _HOP_BY_HOP:
+                raise ValueError("hop-by-hop header %r not allowed from a WSGI app" % (name,))
+        self.status = status
+        self.headers = list(headers)
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        """The legacy ``write()`` callable of PEP 3333."""
+        data = _check_chunk(data)
+        if self.status is None:
+            raise RuntimeError("write() called before start_response()")
+        sink = self.sink
+        if sink is None or (not self.head_sent and not data):
+            # In the caller's thread nothing can reach the caller before the
+            # app returns, so written data waits for the iterable.
+            self.pending.append(data)
+        elif not self.head_sent:
+            sink._put_head(self._head(data, single=False))
+        else:
+            sink.write(data)
+
+    def _head(self, first: bytes, single: bool) -> _Head:
+        assert self.status is not None  # checked by the callers
+        self.head_sent = True
+        headers = self.headers
+        names = {name.lower() for name, _ in headers}
+        # wsgiref's rules, so a WSGI app looks the same in-process as served
+        # by wsgiref: a lone chunk gets a Content-Length, no body gets 0.
+        if "content-length" not in names and (single or not first):
+            headers.append(("Content-Length", str(len(first))))
+        if "date" not in names:
+            headers.append(("Date", _http_date()))
+        return (int(self.status[:3]), self.status[4:], headers, first)
+
+    def begin(self) -> Optional[_Head]:
+        """Run the app up to its first non-empty chunk and return the head;
+        a failure before that becomes wsgiref's 500.  ``None`` when
+        ``write()`` already sent the head."""
+        first = b""
+        try:
+            self.result = self.app(self.environ, self.start_response)
+            if self.head_sent:
+                return None
+            first = b"".join(self.pending)
+            self.pending = []
+            self.iterator = iter(self.result)
+            if not first:
+                first = self.next_chunk() or b""
+            if self.head_sent:
+                return None
+            if self.status is None:
+                raise RuntimeError("the WSGI app returned without calling start_response()")
+        except BaseException as exc:  # noqa: BLE001 - SystemExit too: the process must survive
+            if self.head_sent:
+                raise
+            _log_app_error(self.exchange, "before responding", exc)
+            self.close()
+            self.status = _ERROR_STATUS
+            self.headers = [("Content-Type", "text/plain")]
+            return self._head(_ERROR_BODY, single=True)
+        try:
+            single = len(self.result) == 1
+        except (TypeError, AttributeError, NotImplementedError):
+            single = False
+        return self._head(first, single)
+
+    def next_chunk(self) -> Optional[bytes]:
+        """The next non-empty chunk, or ``None`` at the end."""
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending = []
+            if data:
+                return data
+        iterator = self.iterator
+        if iterator is None:
+            return None
+        for data in iterator:
+            data = _check_chunk(data)
+            if data:
+                if self.status is None:
+                    raise RuntimeError("the WSGI app yielded data before calling start_response()")
+                return data  # type: ignore[no-any-return]
+        self.iterator = None
+        return None
+
+    def close(self) -> None:
+        """Call the iterable's ``close()`` once, whatever happened."""
+        if self.closed:
+            return
+        self.closed = True
+        self.iterator = None
+        close = getattr(self.result, "close", None)
+        if close is not None:
+            try:
+                close()
+            except BaseException as exc:  # noqa: BLE001
+                _log_app_error(self.exchange, "in its iterable's close()", exc)
+
+    def pump(self, pipe: BodyPipe) -> None:
+        """The worker path: run the app and push its response into ``pipe``."""
+        self.sink = pipe
+        try:
+            head = self.begin()
+            if head is not None:
+                pipe._put_head(head)
+            if self.method != "HEAD":
+                while True:
+                    data = self.next_chunk()
+                    if data is None:
+                        break
+                    pipe.write(data)
+        except BrokenPipeError:
+            self.exchange.leave()
+        except BaseException as exc:  # noqa: BLE001
+            _log_app_error(self.exchange, "after its response started", exc)
+            pipe.close_writer(_failure(self.exchange.name, "after its response started", exc))
+        else:
+            pipe.close_writer()
+        finally:
+            self.close()
+
+
+class _PulledBody(io.RawIOBase):
+    """The caller-thread path's body: each read pulls the app's iterable in
+    the caller's thread (in the request's context), as Werkzeug's test client
+    and httpx's WSGI transport do -- no thread, no hop."""
+
+    def __init__(self, call: _WSGICall, ctx: contextvars.Context, first: bytes) -> None:
+        super().__init__()
+        self._call = call
+        self._ctx = ctx
+        self._chunk = memoryview(first)
+        self._done = call.method == "HEAD"
+
+    def readable(self) -> bool:
+        return True
+
+    def _next(self) -> bool:
+        if self._done:
+            return False
+        call = self._call
+        try:
+            data = self._ctx.run(call.next_chunk)
+        except BaseException as exc:  # noqa: BLE001
+            self._done = True
+            if call.body_error is not None:
+                exc = call.body_error
+                self._ctx.run(call.close)
+                raise exc
+            _log_app_error(call.exchange, "after its response started", exc)
+            self._ctx.run(call.close)
+            raise _failure(call.exchange.name, "after its response started", exc) from None
+        if data is None:
+            self._done = True
+            self._ctx.run(call.close)
+            return False
+        self._chunk = memoryview(data)
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if not len(self._chunk) and not self._next():
+            return 0
+        view = memoryview(b).cast("B")
+        n = min(len(view), len(self._chunk))
+        view[:n] = self._chunk[:n]
+        self._chunk = self._chunk[n:]
+        return n
+
+    def readall(self) -> bytes:
+        parts = [self._chunk.tobytes()]
+        while self._next():
+            parts.append(self._chunk.tobytes())
+        self._chunk = memoryview(b"")
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if not self.closed:
+            call = self._call
+            if not call.closed:
+                call.exchange.leave()
+                self._ctx.run(call.close)
+        super().close()
+
+
+_date_cache: List[Any] = [0, ""]
+
+
+def _http_date() -> str:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[1] = email.utils.formatdate(now, usegmt=True)
+        _date_cache[0] = now
+    return _date_cache[1]  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------
+# The dispatcher: mounts, requests, responses
+# ---------------------------------------------------------------------------
+
+
+class _Entry:
+    __slots__ = ("name", "app", "kind", "server")
+
+    def __init__(self, name: str, app: Any, kind: str, server: Any) -> None:
+        self.name = name
+        self.app = app
+        self.kind = kind
+        self.server = server
+
+
+def _app_kind(app: Any) -> str:
+    target = app.func if isinstance(app, functools.partial) else app
+    if isinstance(target, type) and issubclass(target, socketserver.BaseRequestHandler):
+        return "handler"
+    if callable(app):
+        return "wsgi"
+    raise TypeError(
+        "cannot mount %r: want a BaseHTTPRequestHandler subclass (or a partial of one) "
+        "or a WSGI callable" % (app,)
+    )
+
+
+def _split_host(host: str) -> Tuple[str, Optional[int]]:
+    """``host[:port]`` -> (lower-case host, port or None); BridgeError if bad."""
+    if not host:
+        raise BridgeError("no host given")
+    if not host.isascii():
+        raise BridgeError("host %r is not ASCII: mount names are ASCII host names" % (host,))
+    match = _HOST.fullmatch(host)
+    if match is None:
+        raise BridgeError("bad host %r" % (host,))
+    name, port = match.groups()
+    if port and (len(port) > 5 or int(port) > 65535):
+        raise BridgeError("bad port in %r" % (host,))
+    return name.lower(), int(port) if port else None
+
+
+class _Mounts:
+    """Mount name -> app, shared by a handler and the openers a factory hands
+    out.  Copy-on-write: a lookup is one dict read, with no lock; ``add`` and
+    ``remove`` swap in a new dict, so a request finishes on the app it
+    started with."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.table: Dict[Tuple[str, Optional[int]], _Entry] = {}
+
+    def add(self, name: str, app: Any, server: Any = None) -> None:
+        if not isinstance(name, str):
+            raise TypeError("mount name must be a str, not %s" % type(name).__name__)
+        key = _split_host(name)
+        kind = _app_kind(app)
+        if server is None and kind == "handler":
+            server = _StubServer(key[0], key[1] or 80)
+        entry = _Entry(name, app, kind, server)
+        with self._lock:
+            table = dict(self.table)
+            table[key] = entry
+            self.table = table
+
+    def remove(self, name: str) -> None:
+        try:
+            key = _split_host(name)
+        except BridgeError:
+            raise KeyError(name) from None
+        with self._lock:
+            if key not in self.table:
+                raise KeyError(name)
+            table = dict(self.table)
+            del table[key]
+            self.table = table
+
+    def find(self, host: str, scheme: str) -> Optional[_Entry]:
+        name, port = _split_host(host)
+        table = self.table
+        entry = table.get((name, port))
+        if entry is None:
+            default = _DEFAULT_PORTS.get(scheme)
+            if port is None and default is not None:
+                entry = table.get((name, default))
+            elif port is not None and port == default:
+                entry = table.get((name, None))
+        return entry
+
+    def __bool__(self) -> bool:
+        return bool(self.table)
+
+
+def _wire_headers(req: urllib.request.Request) -> List[Tuple[str, str]]:
+    """The header block urllib and http.client would put on the wire, in
+    order, checked as http.client checks it."""
+    headers = dict(req.unredirected_hdrs)
+    headers.update({k: v for k, v in req.headers.items() if k not in headers})
+    headers["Connection"] = "close"
+    lines: List[Tuple[str, str]] = []
+    names = {name.lower() for name in headers}
+    if "host" not in names:
+        lines.append(("Host", req.host))
+    if "accept-encoding" not in names:
+        lines.append(("Accept-Encoding", "identity"))
+    for name, value in headers.items():
+        name = name.title()
+        if isinstance(value, int):
+            value = str(value)
+        elif isinstance(value, bytes):
+            value = value.decode("latin-1")
+        else:
+            value.encode("latin-1")  # http.client's own check: UnicodeEncodeError
+        if not _TOKEN.fullmatch(name):
+            raise ValueError("Invalid header name %r" % (name,))
+        if _BAD_VALUE.search(value):
+            raise ValueError("Invalid header value %r" % (value,))
+        lines.append((name, value))
+    return lines
+
+
+def _environ(req: urllib.request.Request, entry: _Entry, exchange: _Exchange,
+             call: _WSGICall) -> Dict[str, Any]:
+    """A PEP 3333 environ built as a real server would from what urllib sends."""
+    selector = req.selector or "/"
+    method = req.get_method()
+    if _BAD_METHOD_CHAR.search(method):
+        raise ValueError("method can't contain control characters. %r" % (method,))
+    if _BAD_URL_CHAR.search(selector):
+        raise http.client.InvalidURL(
+            "URL can't contain control characters. %r" % (selector,)
+        )
+    headers = _wire_headers(req)
+    host, port = _split_host(req.host)
+    scheme = "https" if req.type == "https" else "http"
+    path, _, query = selector.partition("?")
+    environ: Dict[str, Any] = {
+        "REQUEST_METHOD": method,
+        "SCRIPT_NAME": "",
+        "PATH_INFO": urllib.parse.unquote(path, "iso-8859-1"),
+        "QUERY_STRING": query,
+        "SERVER_NAME": host,
+        "SERVER_PORT": str(port or _DEFAULT_PORTS[scheme]),
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": CLIENT_ADDRESS[0],
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scheme,
+        "wsgi.errors": _WSGI_ERRORS,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+        "wsgi.input_terminated": True,
+        "wsgi.file_wrapper": FileWrapper,
+        "inproc.source": exchange.source,
+        "inproc.actor": exchange.actor,
+    }
+    for name, value in headers:
+        if "_" in name:
+            continue  # wsgiref drops these: HTTP_X_Y must not be spoofable
+        key = name.upper().replace("-", "_")
+        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            key = "HTTP_" + key
+        if key in environ:
+            environ[key] += "," + value
+        else:
+            environ[key] = value
+    data = req.data
+    if data is None:
+        environ["wsgi.input"] = io.BytesIO()
+    elif isinstance(data, str):
+        raise TypeError(
+            "POST data should be bytes, an iterable of bytes, or a file object. "
+            "It cannot be of type str."
+        )
+    elif hasattr(data, "read") or not isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            environ["wsgi.input"] = io.BufferedReader(_RequestBody(data, call))
+        except TypeError:
+            raise TypeError(
+                "data should be a bytes-like object or an iterable, got %r" % type(data)
+            ) from None
+    else:
+        environ["wsgi.input"] = io.BytesIO(data)
+    return environ
+
+
+class _Holder:
+    """Gives ``HTTPResponse.__init__`` the file it asks its socket for."""
+
+    __slots__ = ("file",)
+
+    def __init__(self, file: io.BufferedReader) -> None:
+        self.file = file
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        return self.file
+
+
+class _Response(http.client.HTTPResponse):
+    """The response the bridge hands out: ``http.client``'s own class, with
+    two promises added.  A body that ends before its Content-Length raises
+    ``IncompleteRead`` from every read method (http.client's ``read(amt)``
+    would return short data quietly), and a response dropped unclosed warns
+    (``ResourceWarning``) and releases the app, as an unclosed socket does."""
+
+    def begin(self) -> None:
+        try:
+            super().begin()
+        except BaseException:
+            self.close()  # releases the app: the caller never gets this response
+            raise
+
+    def _ended_short(self) -> None:
+        if self.length and not self.chunked and self._method != "HEAD":  # type: ignore[attr-defined]
+            raise http.client.IncompleteRead(b"", self.length)
+
+    def read(self, amt: Optional[int] = None) -> bytes:
+        live = self.fp is not None
+        data = super().read(amt)
+        if live and not data and amt != 0:
+            self._ended_short()
+        return data
+
+    def readinto(self, b: Any) -> int:
+        live = self.fp is not None
+        n = super().readinto(b)
+        if live and not n and len(memoryview(b)):
+            self._ended_short()
+        return n
+
+    def read1(self, n: int = -1) -> bytes:
+        live = self.fp is not None
+        data = super().read1(n)
+        if live and not data and n:
+            self._ended_short()
+        return data
+
+    def readline(self, limit: Optional[int] = -1) -> bytes:
+        live = self.fp is not None
+        data = super().readline(-1 if limit is None else limit)
+        if live and not data and limit:
+            self._ended_short()
+        return data
+
+    def __del__(self) -> None:
+        if getattr(self, "fp", None) is not None:
+            warnings.warn(
+                "unclosed in-process response %r" % (getattr(self, "url", None),),
+                ResourceWarning,
+                source=self,
+            )
+        super().__del__()  # type: ignore[misc]
+
+
+class _Connection(http.client.HTTPConnection):
+    """An ``HTTPConnection`` whose socket is a pair of pipes to a handler
+    class running on a worker; urllib's ``do_open`` drives it, so the request
+    leaves as urllib would send it and http.client parses the response."""
+
+    response_class = _Response
+
+    def __init__(self, host: str, timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore[attr-defined]
+                 *, run: _HandlerRun) -> None:
+        super().__init__(host, timeout=timeout)
+        self._run = run
+
+    def connect(self) -> None:
+        sock = _ClientSocket(self._run)
+        sock.settimeout(_effective_timeout(self.timeout))
+        self.sock = sock
+
+
+def _build_response(head: _Head, raw: io.RawIOBase, req: urllib.request.Request) -> _Response:
+    code, reason, headers, _ = head
+    method = req.get_method()
+    resp = _Response(_Holder(io.BufferedReader(raw)), method=method)  # type: ignore[arg-type]
+    msg = http.client.HTTPMessage()
+    for name, value in headers:
+        msg[name] = value
+    resp.version = 11
+    resp.status = resp.code = code
+    resp.reason = reason
+    resp.headers = resp.msg = msg
+    resp.chunked = False
+    resp.will_close = True
+    length: Optional[int] = None
+    if method == "HEAD" or code in (204, 304) or 100 <= code < 200:
+        length = 0
+    else:
+        declared = msg.get("content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                length = None
+            else:
+                if length < 0:
+                    length = None
+    resp.length = length
+    # What urllib's do_open does to every HTTP response.
+    resp.url = req.get_full_url()
+    resp.msg = reason  # type: ignore[assignment]
+    return resp
+
+
+# ---------------------------------------------------------------------------
+# The urllib handler
+# ---------------------------------------------------------------------------
+
+
+def _join(base: str, ref: str) -> str:
+    # urljoin() leaves schemes it does not know alone, so join inproc URLs as
+    # http ones and put the scheme back.
+    scheme = urllib.parse.urlsplit(base).scheme
+    if scheme != "inproc" or urllib.parse.urlsplit(ref).scheme:
+        return urllib.parse.urljoin(base, ref)
+    return "inproc" + urllib.parse.urljoin("http" + base[len(scheme):], ref)[len("http"):]
+
+
+class InProcHandler(urllib.request.BaseHandler):
+    """A urllib handler that serves ``inproc://NAME/...`` URLs -- and, with
+    ``intercept_http=True``, ``http://NAME/...`` and ``https://NAME/...`` --
+    by calling the app mounted as ``NAME`` in this process.
+
+    ``apps`` maps mount names (host names, optionally ``host:port``; matched
+    case-insensitively) to apps: a ``BaseHTTPRequestHandler`` subclass (or a
+    ``functools.partial`` of one) or a WSGI callable.  ``source`` and
+    ``actor`` tag every request this handler serves; apps read them with
+    ``current_source()`` and ``current_actor()``.
+
+    Add it to an opener with ``urllib.request.build_opener(handler)``; the
+    opener's processors for ``http`` (cookies, auth, redirects, errors) apply
+    to ``inproc://`` requests too.
+    """
+
+    # Before ProxyHandler (100): an in-process host is never sent to a proxy.
+    handler_order = 90
+
+    def __init__(self, apps: Optional[Mapping[str, Any]] = None, *,
+                 source: Optional[str] = None, actor: Any = None,
+                 intercept_http: bool = False) -> None:
+        self._mounts = _Mounts()
+        for name, app in (apps or {}).items():
+            self._mounts.add(name, app)
+        self.source: Optional[Source] = None if source is None else Source(source)
+        self.actor = actor
+        self.intercept_http = intercept_http
+        self._debuglevel = 0
+
+    def mount(self, name: str, app: Any, *, server: Any = None) -> None:
+        """Serve ``app`` as ``name``, replacing any app mounted there
+        atomically: requests in flight finish on the app they started with.
+        A handler class sees ``server`` as ``self.server``."""
+        self._mounts.add(name, app, server)
+
+    def unmount(self, name: str) -> None:
+        """Stop serving ``name``; ``KeyError`` if nothing is mounted there."""
+        self._mounts.remove(name)
+
+    # -- urllib entry points -----------------------------------------------
+
+    def inproc_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        """Serve an ``inproc://`` request (called by ``OpenerDirector``)."""
+        entry = self._mounts.find(req.host, "inproc")
+        if entry is None:
+            raise BridgeError("no in-process app is mounted as %r" % (req.host,))
+        return self._serve(req, entry)
+
+    def http_open(self, req: urllib.request.Request) -> Optional[http.client.HTTPResponse]:
+        """Serve an ``http(s)://`` request in-process when interception is on
+        and its host is a mount name; otherwise leave it to urllib."""
+        if not self.intercept_http:
+            return None
+        try:
+            entry = self._mounts.find(req.host, req.type)
+        except BridgeError:
+            return None  # not a name we could have mounted: the network's
+        if entry is None:
+            return None
+        return self._serve(req, entry)
+
+    https_open = http_open
+
+    def inproc_request(self, req: urllib.request.Request) -> urllib.request.Request:
+        """Run the opener's ``http`` request processors (default headers,
+        cookies, ...) on an ``inproc://`` request."""
+        parent = self.parent  # type: ignore[attr-defined]
+        for processor in parent.process_request.get("http", ()):
+            req = processor.http_request(req)
+        return req
+
+    def inproc_response(self, req: urllib.request.Request, response: Any) -> Any:
+        """Run the opener's ``http`` response processors (errors, redirects,
+        cookies, ...) on an ``inproc://`` response."""
+        parent = self.parent  # type: ignore[attr-defined]
+        for processor in parent.process_response.get("http", ()):
+            response = processor.http_response(req, response)
+        return response
+
+    def http_error_302(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                       headers: Any) -> Any:
+        """Redirects: an in-process app's redirect to ``inproc://`` is
+        followed under the opener's own redirect handler's rules; a network
+        response may never redirect into the bridge."""
+        location = headers.get("location") or headers.get("uri")
+        if location is None:
+            return None
+        parts = urllib.parse.urlparse(location)
+        if not parts.path and parts.netloc:
+            parts = parts._replace(path="/")
+        target = _join(
+            req.full_url,
+            urllib.parse.quote(urllib.parse.urlunparse(parts), encoding="iso-8859-1",
+                               safe=string.punctuation),
+        )
+        if not isinstance(fp, _Response):
+            if self._serves(target):
+                raise urllib.error.HTTPError(
+                    req.full_url, code,
+                    "%s - a network response may not redirect into the in-process "
+                    "bridge (%s)" % (msg, target),
+                    headers, fp)
+            return None
+        if urllib.parse.urlsplit(target).scheme != "inproc":
+            return None  # http(s)/ftp: the opener's redirect handler follows it
+        redirector = None
+        for handler in self.parent.handle_error.get("http", {}).get(code, ()):  # type: ignore[attr-defined]
+            if handler is not self and hasattr(handler, "redirect_request"):
+                redirector = handler
+                break
+        if redirector is None:
+            return None
+        new = redirector.redirect_request(req, fp, code, msg, headers, target)
+        if new is None:
+            return None
+        if hasattr(req, "redirect_dict"):
+            visited = new.redirect_dict = req.redirect_dict
+            if (visited.get(target, 0) >= redirector.max_repeats
+                    or len(visited) >= redirector.max_redirections):
+                raise urllib.error.HTTPError(req.full_url, code, redirector.inf_msg + msg,
+                                             headers, fp)
+        else:
+            visited = new.redirect_dict = req.redirect_dict = {}
+        visited[target] = visited.get(target, 0) + 1
+        fp.read()
+        fp.close()
+        return self.parent.open(new, timeout=req.timeout)  # type: ignore[attr-defined]
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    # -- dispatch -----------------------------------------------------------
+
+    def _serves(self, url: str) -> bool:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "inproc":
+            return True
+        if not (self.intercept_http and parts.scheme in ("http", "https")):
+            return False
+        try:
+            return self._mounts.find(parts.netloc, parts.scheme) is not None
+        except BridgeError:
+            return False
+
+    def _serve(self, req: urllib.request.Request, entry: _Entry) -> http.client.HTTPResponse:
+        exchange = _Exchange(entry.name, self.source, self.actor)
+        # The app runs in a copy of the caller's context, on whichever thread.
+        ctx = contextvars.copy_context()
+        ctx.run(_exchange.set, exchange)
+        if entry.kind == "handler":
+            run = _HandlerRun(entry, exchange, ctx, _effective_timeout(req.timeout))
+            return urllib.request.AbstractHTTPHandler.do_open(  # type: ignore[no-any-return]
+                self, _Connection, req, run=run)  # type: ignore[arg-type]
+        return self._serve_wsgi(req, entry, exchange, ctx)
+
+    def _serve_wsgi(self, req: urllib.request.Request, entry: _Entry, exchange: _Exchange,
+                    ctx: contextvars.Context) -> http.client.HTTPResponse:
+        method = req.get_method()
+        call = _WSGICall(entry.app, {}, exchange, method)
+        call.environ = _environ(req, entry, exchange, call)
+        timeout = _effective_timeout(getattr(req, "timeout", None))
+        if timeout is None:
+            # No deadline to keep: run the app in the caller's thread and
+            # pull its iterable as the caller reads -- no thread hop at all.
+            head = ctx.run(call.begin)
+            assert head is not None  # write() cannot send a head on this path
+            if call.body_error is not None:
+                ctx.run(call.close)
+                raise call.body_error
+            raw: io.RawIOBase = _PulledBody(call, ctx, head[3])
+            if method == "HEAD":
+                ctx.run(call.close)
+        else:
+            pipe = BodyPipe(read_timeout=timeout)
+            pipe._on_close = exchange.leave
+            _workers.submit(functools.partial(ctx.run, call.pump, pipe))
+            try:
+                head = pipe._take_head()
+            except BaseException:
+                pipe.close()
+                raise
+            if call.body_error is not None:
+                pipe.close()
+                raise call.body_error
+            if head[3]:
+                # The first chunk travelled with the head; put it back in
+                # front of the rest of the body.
+                pipe._chunk = memoryview(head[3])
+            raw = pipe
+        return _build_response(head, raw, req)
+
+
+# ---------------------------------------------------------------------------
+# The factory
+# ---------------------------------------------------------------------------
+
+
+class OpenerFactory:
+    """Hands out ``OpenerDirector`` objects that reach the apps mounted here.
+
+    Each opener carries its own ``source`` and ``actor``; all of them see
+    later ``mount``/``unmount`` calls on the factory.
+    """
+
+    def __init__(self, apps: Optional[Mapping[str, Any]] = None, *,
+                 intercept_http: bool = False) -> None:
+        self._mounts = _Mounts()
+        for name, app in (apps or {}).items():
+            self._mounts.add(name, app)
+        self.intercept_http = intercept_http
+
+    def mount(self, name: str, app: Any, *, server: Any = None) -> None:
+        """Serve ``app`` as ``name`` on every opener of this factory."""
+        self._mounts.add(name, app, server)
+
+    def unmount(self, name: str) -> None:
+        """Stop serving ``name``; ``KeyError`` if nothing is mounted there."""
+        self._mounts.remove(name)
+
+    def opener_for(self, *handlers: Any, actor: Any = None,
+                   source: Optional[str] = None) -> urllib.request.OpenerDirector:
+        """A new opener whose in-process requests carry ``actor`` and
+        ``source``; ``handlers`` are added as ``build_opener`` adds them.
+        Raises ``BridgeError`` when nothing is mounted."""
+        if not self._mounts:
+            raise BridgeError("nothing is mounted on this OpenerFactory; mount an app first")
+        bridge = InProcHandler(source=source, actor=actor, intercept_http=self.intercept_http)
+        bridge._mounts = self._mounts
+        return urllib.request.build_opener(bridge, *handlers)
+
+
+# ---------------------------------------------------------------------------
+# Self-test and command line
+# ---------------------------------------------------------------------------
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m inproc_bridge``: run the self-test; 0 when it passes."""
+    from importlib import import_module
+
+    return import_module("_inproc_selftest_placeholder").main(argv)  # type: ignore[no-any-return]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
