@@ -1133,3 +1133,30 @@ def test_selftest_passes(capsys):
     assert ib.main([]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == "%d passed, 0 failed" % (len(out) - 2)
+
+
+# ---------------------------------------------------------------------------
+# README
+# ---------------------------------------------------------------------------
+
+
+def _readme_examples():
+    import re
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.rst")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    blocks = re.findall(r"^\.\. code-block:: python\n\n((?:    .*\n|\n)+)", text, re.M)
+    return [
+        pytest.param("\n".join(line[4:] for line in block.splitlines()), id="example%d" % n)
+        for n, block in enumerate(blocks, 1)
+    ]
+
+
+@pytest.mark.parametrize("source", _readme_examples())
+def test_readme_example_runs(source):
+    exec(compile(source, "README.rst", "exec"), {"__name__": "readme_example"})
+
+
+def test_readme_has_examples():
+    assert len(_readme_examples()) >= 5
