@@ -55,7 +55,6 @@ from typing import (
     Mapping,
     Optional,
     Tuple,
-    Union,
 )
 from wsgiref.util import FileWrapper
 
@@ -494,9 +493,10 @@ class BodyPipe(io.RawIOBase):
 
 
 class _Slot:
-    __slots__ = ("wake", "job")
+    __slots__ = ("wake", "job", "ident")
 
     def __init__(self) -> None:
+        self.ident = threading.get_ident()
         self.wake = threading.Lock()
         self.wake.acquire()
         self.job: Optional[Callable[[], None]] = None
@@ -545,10 +545,10 @@ class _Workers:
                 slot.wake.acquire()
             job, slot.job = slot.job, None  # type: ignore[assignment]
 
-    def idle(self) -> int:
-        """How many workers wait for a job (for tests and the self-test)."""
+    def idle(self) -> List[int]:
+        """Thread idents of the workers waiting for a job (for tests)."""
         with self._lock:
-            return len(self._idle)
+            return [slot.ident for slot in self._idle]
 
 
 _workers = _Workers()
@@ -571,7 +571,7 @@ class _WireOut(io.RawIOBase):
     """The raw file under a buffered ``wfile``: writes go to the response
     pipe; closing it (``finish()`` does) leaves the pipe to the bridge."""
 
-    def __init__(self, conn: "_HandlerSocket") -> None:
+    def __init__(self, conn: _HandlerSocket) -> None:
         super().__init__()
         self._conn = conn
 
@@ -586,7 +586,7 @@ class _HandlerSocket:
     """The in-memory socket a handler class gets as ``request`` and
     ``connection``: it reads the request pipe and writes the response pipe."""
 
-    def __init__(self, run: "_HandlerRun") -> None:
+    def __init__(self, run: _HandlerRun) -> None:
         self._run = run
 
     def makefile(self, mode: str = "r", buffering: Optional[int] = None, **_: Any) -> Any:
@@ -651,7 +651,7 @@ class _HandlerRun:
     """One request to a handler class: the two pipes between the caller and a
     worker thread, and the job that runs the handler's life cycle there."""
 
-    def __init__(self, entry: "_Entry", exchange: _Exchange, ctx: contextvars.Context,
+    def __init__(self, entry: _Entry, exchange: _Exchange, ctx: contextvars.Context,
                  timeout: Optional[float]) -> None:
         self.entry = entry
         self.exchange = exchange
@@ -665,7 +665,7 @@ class _HandlerRun:
     def launch(self) -> None:
         if not self.launched:
             self.launched = True
-            _workers.submit(functools.partial(self.ctx.run, self._serve))
+            _workers.submit(lambda: self.ctx.run(self._serve))
 
     def _serve(self) -> None:
         entry, out = self.entry, self.outbound
@@ -769,7 +769,7 @@ class _RequestBody(io.RawIOBase):
     reads, so a slow app holds the caller's producer back.  A failure of the
     caller's own body is kept for the caller; the app sees a broken read."""
 
-    def __init__(self, data: Any, call: "_WSGICall") -> None:
+    def __init__(self, data: Any, call: _WSGICall) -> None:
         super().__init__()
         self._call = call
         if hasattr(data, "read"):
@@ -799,7 +799,7 @@ class _RequestBody(io.RawIOBase):
             except StopIteration:
                 self._chunks = None
                 return 0
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - the caller's error, kept for the caller
                 self._chunks = None
                 self._call.body_error = exc
                 raise ConnectionAbortedError(
@@ -816,7 +816,7 @@ class _RequestBody(io.RawIOBase):
 
 def _check_chunk(data: Any) -> bytes:
     if type(data) is bytes:
-        return data  # type: ignore[no-any-return]
+        return data
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
     raise TypeError("WSGI apps must produce bytes, not %s (PEP 3333)" % type(data).__name__)
@@ -921,7 +921,7 @@ class _WSGICall:
                 return None
             if self.status is None:
                 raise RuntimeError("the WSGI app returned without calling start_response()")
-        except BaseException as exc:  # noqa: BLE001 - SystemExit too: the process must survive
+        except BaseException as exc:
             if self.head_sent:
                 raise
             _log_app_error(self.exchange, "before responding", exc)
@@ -950,7 +950,7 @@ class _WSGICall:
             if data:
                 if self.status is None:
                     raise RuntimeError("the WSGI app yielded data before calling start_response()")
-                return data  # type: ignore[no-any-return]
+                return data
         self.iterator = None
         return None
 
@@ -1012,12 +1012,12 @@ class _PulledBody(io.RawIOBase):
         call = self._call
         try:
             data = self._ctx.run(call.next_chunk)
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - the app's failure goes to the reader
             self._done = True
-            if call.body_error is not None:
-                exc = call.body_error
+            body_error = call.body_error
+            if body_error is not None:
                 self._ctx.run(call.close)
-                raise exc
+                raise body_error from None
             _log_app_error(call.exchange, "after its response started", exc)
             self._ctx.run(call.close)
             raise _failure(call.exchange.name, "after its response started", exc) from None
@@ -1313,9 +1313,10 @@ class _Response(http.client.HTTPResponse):
             warnings.warn(
                 "unclosed in-process response %r" % (getattr(self, "url", None),),
                 ResourceWarning,
+                stacklevel=2,
                 source=self,
             )
-        super().__del__()  # type: ignore[misc]
+        super().__del__()
 
 
 class _Connection(http.client.HTTPConnection):
@@ -1344,7 +1345,7 @@ def _build_response(head: _Head, raw: io.RawIOBase, req: urllib.request.Request)
     for name, value in headers:
         msg[name] = value
     resp.version = 11
-    resp.status = resp.code = code
+    resp.status = resp.code = code  # type: ignore[attr-defined]  # begin() sets it
     resp.reason = reason
     resp.headers = resp.msg = msg
     resp.chunked = False
@@ -1450,7 +1451,7 @@ class InProcHandler(urllib.request.BaseHandler):
     def inproc_request(self, req: urllib.request.Request) -> urllib.request.Request:
         """Run the opener's ``http`` request processors (default headers,
         cookies, ...) on an ``inproc://`` request."""
-        parent = self.parent  # type: ignore[attr-defined]
+        parent: Any = self.parent
         for processor in parent.process_request.get("http", ()):
             req = processor.http_request(req)
         return req
@@ -1458,7 +1459,7 @@ class InProcHandler(urllib.request.BaseHandler):
     def inproc_response(self, req: urllib.request.Request, response: Any) -> Any:
         """Run the opener's ``http`` response processors (errors, redirects,
         cookies, ...) on an ``inproc://`` response."""
-        parent = self.parent  # type: ignore[attr-defined]
+        parent: Any = self.parent
         for processor in parent.process_response.get("http", ()):
             response = processor.http_response(req, response)
         return response
@@ -1499,18 +1500,19 @@ class InProcHandler(urllib.request.BaseHandler):
         new = redirector.redirect_request(req, fp, code, msg, headers, target)
         if new is None:
             return None
-        if hasattr(req, "redirect_dict"):
-            visited = new.redirect_dict = req.redirect_dict
+        chain: Any = req  # urllib counts redirects in an attribute of the request
+        if hasattr(chain, "redirect_dict"):
+            visited = new.redirect_dict = chain.redirect_dict
             if (visited.get(target, 0) >= redirector.max_repeats
                     or len(visited) >= redirector.max_redirections):
                 raise urllib.error.HTTPError(req.full_url, code, redirector.inf_msg + msg,
                                              headers, fp)
         else:
-            visited = new.redirect_dict = req.redirect_dict = {}
+            visited = new.redirect_dict = chain.redirect_dict = {}
         visited[target] = visited.get(target, 0) + 1
         fp.read()
         fp.close()
-        return self.parent.open(new, timeout=req.timeout)  # type: ignore[attr-defined]
+        return self.parent.open(new, timeout=req.timeout)
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
@@ -1534,7 +1536,7 @@ class InProcHandler(urllib.request.BaseHandler):
         ctx.run(_exchange.set, exchange)
         if entry.kind == "handler":
             run = _HandlerRun(entry, exchange, ctx, _effective_timeout(req.timeout))
-            return urllib.request.AbstractHTTPHandler.do_open(  # type: ignore[no-any-return]
+            return urllib.request.AbstractHTTPHandler.do_open(
                 self, _Connection, req, run=run)  # type: ignore[arg-type]
         return self._serve_wsgi(req, entry, exchange, ctx)
 
@@ -1558,7 +1560,7 @@ class InProcHandler(urllib.request.BaseHandler):
         else:
             pipe = BodyPipe(read_timeout=timeout)
             pipe._on_close = exchange.leave
-            _workers.submit(functools.partial(ctx.run, call.pump, pipe))
+            _workers.submit(lambda: ctx.run(call.pump, pipe))
             try:
                 head = pipe._take_head()
             except BaseException:
@@ -1682,7 +1684,7 @@ def _selftest_wsgi(environ: Dict[str, Any], start_response: Callable[..., Any]) 
 def _selftest() -> List[Tuple[str, Optional[str]]]:
     """Run the checks; a list of (check, None if it passed else why not)."""
     results: List[Tuple[str, Optional[str]]] = []
-    handler = type("SelfTestHandler", (_SelfTestHandler,),
+    handler: Any = type("SelfTestHandler", (_SelfTestHandler,),
                    {"gate": threading.Event(), "saw_cancel": threading.Event()})
     factory = OpenerFactory({"app": handler, "wsgi": _selftest_wsgi})
     opener = factory.opener_for(source=SOURCE_AGENTS, actor="self-test")
