@@ -875,6 +875,38 @@ def test_nested_calls_from_inside_an_app(path):
         assert resp.read() == b"6>5>4>3>2>1>bottom:outer"
 
 
+@pytest.mark.parametrize("size", [10, 70000, 3 << 20])
+@pytest.mark.parametrize("shape", ["bytes", "file", "iterable"])
+def test_handler_request_bodies_small_and_streamed(size, shape):
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+
+    class Echo(QuietHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            if self.headers["Transfer-Encoding"] == "chunked":
+                body = b""
+                while True:
+                    n = int(self.rfile.readline(), 16)
+                    body += self.rfile.read(n)
+                    self.rfile.readline()
+                    if not n:
+                        break
+            else:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+            digest = b"%d:%d" % (len(body), body == payload)
+            _respond(self, 200, digest)
+
+    if shape == "bytes":
+        data = payload
+    elif shape == "file":
+        data = io.BytesIO(payload)
+    else:
+        data = (payload[i:i + 50000] for i in range(0, len(payload), 50000))
+    with _opener({"api": Echo}).open("inproc://api/", data=data, timeout=10) as resp:
+        assert resp.read() == b"%d:1" % size
+
+
 def test_the_callers_request_object_is_untouched_by_the_app():
     def do_POST(self):
         self.headers["X-Added"] = "by app"
