@@ -55,6 +55,7 @@ from typing import (
     Mapping,
     Optional,
     Tuple,
+    cast,
 )
 from wsgiref.util import FileWrapper
 
@@ -99,11 +100,11 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _ERROR_STATUS = "500 Internal Server Error"
 _ERROR_BODY = b"A server error occurred.  Please contact the administrator."
 
-# RFC 9110 token characters for header names; values may not carry CR, LF or
-# NUL (http.client refuses line breaks too, so a request is refused alike on
-# both paths).
+# RFC 9110 token characters for header names; values may not carry control
+# characters other than tab (http.client itself refuses only line breaks, so
+# the bridge checks requests on both paths with these).
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(r"[\r\n\x00]")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _BAD_URL_CHAR = re.compile("[\x00-\x20\x7f]")
 _BAD_METHOD_CHAR = re.compile("[\x00-\x1f]")
 _STATUS = re.compile(r"[1-9][0-9]{2} [^\r\n\x00]*")
@@ -828,8 +829,9 @@ class _RequestBody(io.RawIOBase):
         super().__init__()
         self._call = call
         if hasattr(data, "read"):
-            self._chunks: Optional[Iterator[Any]] = iter(functools.partial(data.read, 8192), b"")
             self._text = isinstance(data, io.TextIOBase)
+            self._chunks: Optional[Iterator[Any]] = iter(
+                functools.partial(data.read, 8192), "" if self._text else b"")
         else:
             self._chunks = iter(data)
             self._text = False
@@ -1137,7 +1139,9 @@ class _Entry:
 
 
 def _app_kind(app: Any) -> str:
-    target = app.func if isinstance(app, functools.partial) else app
+    target = app
+    while isinstance(target, functools.partial):
+        target = target.func
     if isinstance(target, type) and issubclass(target, socketserver.BaseRequestHandler):
         return "handler"
     if callable(app):
@@ -1257,17 +1261,24 @@ def _check_header(name: str, value: Any) -> Tuple[str, str]:
     return name, value
 
 
-def _environ(req: urllib.request.Request, entry: _Entry, exchange: _Exchange,
-             call: _WSGICall) -> Dict[str, Any]:
-    """A PEP 3333 environ built as a real server would from what urllib sends."""
-    selector = req.selector or "/"
-    method = req.get_method()
+def _check_request_line(method: str, selector: str) -> None:
+    """Refuse what http.client refuses in a request line, the same way."""
     if _BAD_METHOD_CHAR.search(method):
         raise ValueError("method can't contain control characters. %r" % (method,))
     if _BAD_URL_CHAR.search(selector):
         raise http.client.InvalidURL(
             "URL can't contain control characters. %r" % (selector,)
         )
+    if not (method.isascii() and selector.isascii()):
+        ("%s %s" % (method, selector)).encode("ascii")  # http.client's UnicodeEncodeError
+
+
+def _environ(req: urllib.request.Request, entry: _Entry, exchange: _Exchange,
+             call: _WSGICall) -> Dict[str, Any]:
+    """A PEP 3333 environ built as a real server would from what urllib sends."""
+    selector = req.selector or "/"
+    method = req.get_method()
+    _check_request_line(method, selector)
     headers = _wire_headers(req)
     host, port = _split_host(req.host)
     scheme = "https" if req.type == "https" else "http"
@@ -1298,6 +1309,7 @@ def _environ(req: urllib.request.Request, entry: _Entry, exchange: _Exchange,
             key = _environ_key(name)
         if not key:
             continue
+        value = value.strip()
         if key in environ:
             environ[key] += "," + value
         else:
@@ -1327,8 +1339,8 @@ _ENVIRON_KEYS: Dict[str, str] = {}
 
 def _environ_key(name: str) -> str:
     """``Content-Type`` -> ``CONTENT_TYPE``, ``X-Id`` -> ``HTTP_X_ID``; ``""``
-    for a name with an underscore, which wsgiref drops so that ``X_Id``
-    cannot pass for ``X-Id``."""
+    for a name with an underscore, dropped (as nginx and gunicorn drop it) so
+    that ``X_Id`` cannot pass for a proxy's ``X-Id``."""
     if "_" in name:
         key = ""
     else:
@@ -1407,7 +1419,13 @@ class _Response(http.client.HTTPResponse):
         return data
 
     def __del__(self) -> None:
-        if getattr(self, "fp", None) is not None:
+        # Warn only for a response that still holds its app: one whose body
+        # is all in memory has nothing left to release.  Error responses are
+        # dropped by urllib itself (its auth handlers retry past a 401
+        # without closing it), so they release their app without blaming the
+        # caller.
+        fp = getattr(self, "fp", None)
+        if fp is not None and not isinstance(fp, _Body) and getattr(self, "status", 0) < 400:
             warnings.warn(
                 "unclosed in-process response %r" % (getattr(self, "url", None),),
                 ResourceWarning,
@@ -1467,6 +1485,23 @@ def _build_response(head: _Head, file: io.BufferedIOBase, req: urllib.request.Re
     resp.url = req.get_full_url()
     resp.msg = reason  # type: ignore[assignment]
     return resp
+
+
+def _hold_error_body(resp: _Response) -> None:
+    """Read a small error body into memory, releasing the app at once.
+
+    urllib may drop an error response without closing it (its auth handlers
+    retry past a 401), so an app must not stay attached to one.  Only a
+    Content-Length body up to ``_HOLD_LIMIT`` is taken: it is there or on its
+    way.  A streamed error body stays live for the caller to read.
+    """
+    if resp.fp is None or isinstance(resp.fp, _Body) or resp.chunked:
+        return
+    if resp.length is None or resp.length > _HOLD_LIMIT:
+        return
+    data = resp.read()  # ends by closing the pipe: the app is released
+    resp.fp = _Body(data)  # type: ignore[assignment]
+    resp.length = len(data)
 
 
 # ---------------------------------------------------------------------------
@@ -1598,7 +1633,9 @@ class InProcHandler(urllib.request.BaseHandler):
             return None
         new = redirector.redirect_request(req, fp, code, msg, headers, target)
         if new is None:
-            return None
+            # Declined: what urllib's default error handler then raises (the
+            # opener's own redirect handler must not see an inproc URL).
+            raise urllib.error.HTTPError(req.full_url, code, msg, headers, fp)
         chain: Any = req  # urllib counts redirects in an attribute of the request
         if hasattr(chain, "redirect_dict"):
             visited = new.redirect_dict = chain.redirect_dict
@@ -1634,13 +1671,20 @@ class InProcHandler(urllib.request.BaseHandler):
         ctx = contextvars.copy_context()
         ctx.run(_exchange.set, exchange)
         if entry.kind == "handler":
+            # http.client lets NUL and other control characters through in
+            # header values; refuse them here as on the WSGI path.
+            _wire_headers(req)
             run = _HandlerRun(entry, exchange, ctx, _effective_timeout(req.timeout))
-            return urllib.request.AbstractHTTPHandler.do_open(
-                self, _Connection, req, run=run)  # type: ignore[arg-type]
-        return self._serve_wsgi(req, entry, exchange, ctx)
+            resp = cast(_Response, urllib.request.AbstractHTTPHandler.do_open(
+                self, _Connection, req, run=run))  # type: ignore[arg-type]
+        else:
+            resp = self._serve_wsgi(req, entry, exchange, ctx)
+        if resp.status >= 400:
+            _hold_error_body(resp)
+        return resp
 
     def _serve_wsgi(self, req: urllib.request.Request, entry: _Entry, exchange: _Exchange,
-                    ctx: contextvars.Context) -> http.client.HTTPResponse:
+                    ctx: contextvars.Context) -> _Response:
         method = req.get_method()
         call = _WSGICall(entry.app, {}, exchange, method)
         call.environ = _environ(req, entry, exchange, call)

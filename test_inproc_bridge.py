@@ -1,19 +1,33 @@
 """Tests for inproc_bridge.  Run: python -m pytest -W error test_inproc_bridge.py"""
 
+import base64
+import contextlib
 import contextvars
+import email.utils
 import functools
 import gc
+import hashlib
 import http.client
+import http.cookiejar
 import http.server
 import io
+import json
 import logging
 import os
 import socket
+import socketserver
+import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
+import wsgiref.handlers
+import wsgiref.simple_server
+import wsgiref.validate
+import xmlrpc.client
+import xmlrpc.server
 from wsgiref.validate import validator
 
 import pytest
@@ -1184,3 +1198,1518 @@ def test_readme_example_runs(source):
 
 def test_readme_has_examples():
     assert len(_readme_examples()) >= 5
+
+
+# ---------------------------------------------------------------------------
+# Differential tests (loopback vs in-process) and urllib parity
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Loopback servers (the reference) and openers
+# ---------------------------------------------------------------------------
+
+_D_NET_TIMEOUT = 10
+
+
+class _DHTTPServer(http.server.ThreadingHTTPServer):
+    # Request threads are joined by server_close(): no thread outlives a test.
+    daemon_threads = False
+    block_on_close = True
+
+
+class _DWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+    daemon_threads = False
+    block_on_close = True
+
+
+class _DWSGIHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
+def _d_is_handler(app):
+    target = app.func if isinstance(app, functools.partial) else app
+    return isinstance(target, type) and issubclass(target, socketserver.BaseRequestHandler)
+
+
+@contextlib.contextmanager
+def _d_loopback(app):
+    """Serve ``app`` (handler class/partial or WSGI) on 127.0.0.1:0; yield
+    its base URL; shut the server and every request thread down after."""
+    if _d_is_handler(app):
+        server = _DHTTPServer(("127.0.0.1", 0), app)
+    else:
+        server = wsgiref.simple_server.make_server(
+            "127.0.0.1", 0, app, server_class=_DWSGIServer, handler_class=_DWSGIHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
+    thread.start()
+    try:
+        yield "http://127.0.0.1:%d" % server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _d_net_opener(*handlers):
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), *handlers)
+
+
+def _d_inproc_opener(apps, *handlers, **kw):
+    return urllib.request.build_opener(
+        ib.InProcHandler(apps, **kw), urllib.request.ProxyHandler({}), *handlers)
+
+
+def _d_tail(url):
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(("", "", parts.path, parts.query, parts.fragment))
+
+
+def _d_headers(msg):
+    return [(k.lower(), v) for k, v in msg.items() if k.lower() not in ("date", "server")]
+
+
+def _d_observe(opener, url, timeout=_D_NET_TIMEOUT, **req_kw):
+    """What urllib shows for one request: a comparable tuple (closes all)."""
+    req = urllib.request.Request(url, **req_kw)
+    try:
+        resp = opener.open(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.__dict__.get("fp") is None:  # before 3.10 an fp-less HTTPError has no body
+            return ("HTTPError", e.code, e.msg, _d_headers(e.hdrs), None, _d_tail(e.filename))
+        try:
+            return ("HTTPError", e.code, e.msg, _d_headers(e.hdrs), e.read(), _d_tail(e.filename))
+        finally:
+            e.close()
+    with resp:
+        return ("ok", resp.status, resp.reason, _d_headers(resp.headers), resp.read(),
+                _d_tail(resp.geturl()))
+
+
+def _d_outcome(opener, url, timeout=_D_NET_TIMEOUT, **req_kw):
+    """``_d_observe``, or the class of any other exception urllib raises."""
+    try:
+        return _d_observe(opener, url, timeout, **req_kw)
+    except Exception as e:
+        return ("raises", type(e))
+
+
+def _d_error(opener, url, timeout=_D_NET_TIMEOUT, **req_kw):
+    """The exception class urllib raises (None when it raises nothing)."""
+    try:
+        with opener.open(urllib.request.Request(url, **req_kw), timeout=timeout) as resp:
+            resp.read()
+    except urllib.error.HTTPError as e:
+        e.close()
+        return urllib.error.HTTPError
+    except Exception as e:
+        return type(e)
+    return None
+
+
+@contextlib.contextmanager
+def _d_http_error(code=None):
+    """Like pytest.raises(HTTPError), closing the error afterwards."""
+    with pytest.raises(urllib.error.HTTPError) as info:
+        yield info
+    info.value.d_body = info.value.read()  # what read() gave before close()
+    info.value.close()
+    if code is not None:
+        assert info.value.code == code
+
+
+def _d_read_input(environ):
+    """Read the request body as a careful app does: to EOF only where the
+    server promises ``wsgi.input_terminated`` (wsgiref does not)."""
+    stream = environ["wsgi.input"]
+    if not environ.get("wsgi.input_terminated"):
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        return stream.read(length) if length else b""
+    parts = []
+    while True:
+        chunk = stream.read(8192)  # the validator wants exactly one argument
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+
+
+def _d_read_chunked(rfile):
+    """Decode a chunked request body from a handler's rfile."""
+    parts = []
+    while True:
+        size = int(rfile.readline().split(b";")[0].strip(), 16)
+        if size == 0:
+            while rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            return b"".join(parts)
+        parts.append(rfile.read(size))
+        assert rfile.read(2) == b"\r\n"
+
+
+class _DQuietHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
+@pytest.fixture(params=[None, 5], ids=["caller-thread", "worker"])
+def d_timeout(request):
+    """The two WSGI paths: no timeout runs the app in the caller's thread,
+    a timeout on a worker thread."""
+    return request.param
+
+
+# ---------------------------------------------------------------------------
+# One routing table served as a handler class and as a WSGI app
+# ---------------------------------------------------------------------------
+
+_D_USER, _D_PASS, _D_REALM = "alice", "s3cret", "d-realm"
+_D_NONCE, _D_OPAQUE = "d-nonce-5f2a", "d-opaque-77"
+
+
+def _d_md5(text):
+    return hashlib.md5(text.encode("latin-1")).hexdigest()
+
+
+def _d_digest_ok(authorization, method, path):
+    """Check an RFC 2617 (qop=auth, MD5) Authorization header."""
+    if not authorization or not authorization.startswith("Digest "):
+        return False
+    fields = urllib.request.parse_keqv_list(
+        urllib.request.parse_http_list(authorization[len("Digest "):]))
+    try:
+        ha1 = _d_md5("%s:%s:%s" % (fields["username"], _D_REALM, _D_PASS))
+        ha2 = _d_md5("%s:%s" % (method, fields["uri"]))
+        expect = _d_md5(":".join(
+            (ha1, fields["nonce"], fields["nc"], fields["cnonce"], fields["qop"], ha2)))
+    except KeyError:
+        return False
+    return (fields["username"] == _D_USER and fields.get("realm") == _D_REALM
+            and fields["nonce"] == _D_NONCE and fields.get("opaque") == _D_OPAQUE
+            and fields["qop"] == "auth" and fields["uri"] == path
+            and fields["response"] == expect)
+
+
+def _d_route(method, path, query, body, get):
+    """(status, headers, body) for a request; ``path`` is decoded (latin-1),
+    ``get(name)`` reads a request header."""
+    args = urllib.parse.parse_qs(query, encoding="latin-1")
+    text = [("Content-Type", "text/plain")]
+    if path in ("/go", "/dir/go"):
+        code = int(args["code"][0])
+        return ("%d %s" % (code, http.client.responses[code]),
+                [*text, ("Location", args["to"][0])], b"moved")
+    if path == "/ping":
+        return "302 Found", [*text, ("Location", "http://api.internal/pong")], b"ping"
+    if path == "/pong":
+        return "302 Found", [*text, ("Location", "inproc://api/ping")], b"pong"
+    if path == "/loop":
+        return "302 Found", [*text, ("Location", "/loop")], b"again"
+    if path.startswith("/chain/"):
+        n = int(path[len("/chain/"):])
+        if n < 20:
+            return "302 Found", [*text, ("Location", "/chain/%d" % (n + 1))], b"next"
+        return "200 OK", text, b"end of chain"
+    if path == "/set-cookie":
+        cookies = [("Set-Cookie", "%s=%s; Path=/" % (k, v[0])) for k, v in sorted(args.items())]
+        return "200 OK", text + cookies, b"cookie set"
+    if path == "/set-cookie-redirect":
+        return "302 Found", [*text, ("Set-Cookie", "hop=1; Path=/"), ("Location", "/echo")], b""
+    if path == "/basic":
+        expect = "Basic " + base64.b64encode(
+            ("%s:%s" % (_D_USER, _D_PASS)).encode()).decode("ascii")
+        if get("authorization") != expect:
+            return ("401 Unauthorized",
+                    [*text, ("WWW-Authenticate", 'Basic realm="%s"' % _D_REALM)], b"denied")
+        return "200 OK", text, b"welcome, basic"
+    if path == "/digest":
+        if not _d_digest_ok(get("authorization"), method, path):
+            challenge = 'Digest realm="%s", nonce="%s", qop="auth", algorithm=MD5, opaque="%s"' % (
+                _D_REALM, _D_NONCE, _D_OPAQUE)
+            return "401 Unauthorized", [*text, ("WWW-Authenticate", challenge)], b"denied"
+        return "200 OK", text, b"welcome, digest"
+    if path in ("/", "/echo") or path.startswith("/echo/"):
+        seen = {"method": method, "path": path, "query": query,
+                "body": body.decode("latin-1"), "cookie": get("cookie"),
+                "content-type": get("content-type"), "x-extra": get("x-extra")}
+        return "200 OK", [("Content-Type", "application/json")], json.dumps(
+            seen, sort_keys=True).encode()
+    if path == "/teapot":
+        return "418 I'm a Teapot", [*text, ("X-Why", "short and stout")], b"no coffee"
+    return "404 Not Found", text, b"nothing at " + path.encode("latin-1")
+
+
+def _d_route_handler(calls):
+    """``_d_route`` as an http.server handler class; ``calls`` records
+    (method, path, query, body) per request."""
+
+    class RouteHandler(_DQuietHandler):
+        def _serve(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            if self.headers.get("Transfer-Encoding") == "chunked":
+                body = _d_read_chunked(self.rfile)
+            else:
+                body = self.rfile.read(length) if length else b""
+            raw_path, _, query = self.path.partition("?")
+            path = urllib.parse.unquote(raw_path, "iso-8859-1")
+            calls.append((self.command, path, query, body))
+            status, headers, out = _d_route(self.command, path, query, body, self.headers.get)
+            code, _, reason = status.partition(" ")
+            self.send_response(int(code), reason)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(out)
+
+        do_GET = do_POST = do_HEAD = do_PUT = _serve
+
+    return RouteHandler
+
+
+def _d_route_wsgi(calls):
+    """``_d_route`` as a validator-wrapped WSGI app."""
+
+    def route_app(environ, start_response):
+        body = _d_read_input(environ)
+        path, query = environ["PATH_INFO"], environ["QUERY_STRING"]
+        calls.append((environ["REQUEST_METHOD"], path, query, body))
+
+        def get(name):
+            key = name.upper().replace("-", "_")
+            if key == "CONTENT_TYPE":
+                # wsgiref invents 'text/plain' for a request without one;
+                # only report a content type that came with a body.
+                return environ.get(key) if environ.get("CONTENT_LENGTH") else None
+            return environ.get("HTTP_" + key)
+
+        status, headers, out = _d_route(environ["REQUEST_METHOD"], path, query, body, get)
+        start_response(status, [*headers, ("Content-Length", str(len(out)))])
+        return [out]
+
+    return wsgiref.validate.validator(route_app)
+
+
+@pytest.fixture(params=["handler", "wsgi-caller-thread", "wsgi-worker"])
+def d_route(request):
+    """(app factory, timeout) for each bridge path."""
+    if request.param == "handler":
+        return _d_route_handler, 5
+    return _d_route_wsgi, (None if request.param == "wsgi-caller-thread" else 5)
+
+
+def _d_compare(make_app, requests, timeout, *extra_factories):
+    """Run ``requests`` [(path, Request kwargs)] against ``make_app`` over
+    loopback and in-process; assert urllib sees the same, and the app too."""
+    net_calls, inproc_calls = [], []
+    net_app, inproc_app = make_app(net_calls), make_app(inproc_calls)
+    with _d_loopback(net_app) as base:
+        net = _d_net_opener(*[f() for f in extra_factories])
+        inproc = _d_inproc_opener({"api": inproc_app}, *[f() for f in extra_factories])
+        for path, kw in requests:
+            expected = _d_observe(net, base + path, **kw)
+            got = _d_observe(inproc, "inproc://api" + path, timeout=timeout, **kw)
+            assert got == expected, path
+    assert inproc_calls == net_calls
+    return inproc_calls
+
+
+# ---------------------------------------------------------------------------
+# Differential: http.server handler classes
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def d_docroot(tmp_path):
+    (tmp_path / "hello.txt").write_bytes(b"hello, world\n" * 100)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "inner.txt").write_bytes(b"inner")
+    (tmp_path / "caf\u00e9.txt").write_bytes(b"unicode name")
+    (tmp_path / "page.html").write_bytes(b"<p>hi</p>")
+    return tmp_path
+
+
+def test_diff_simplehttp_files_listing_and_errors(d_docroot):
+    app = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(d_docroot))
+    mtime = os.stat(d_docroot / "hello.txt").st_mtime
+    later = email.utils.formatdate(mtime + 3600, usegmt=True)
+    earlier = email.utils.formatdate(mtime - 3600, usegmt=True)
+    requests = [
+        ("/hello.txt", {}),
+        ("/page.html", {}),
+        ("/hello.txt", {"method": "HEAD"}),
+        ("/caf%C3%A9.txt", {}),
+        ("/missing.txt", {}),
+        ("/sub", {}),  # 301 to /sub/, followed by urllib on both
+        ("/sub?x=1", {}),
+        ("/sub/", {}),
+        ("/", {}),
+        ("/sub/inner.txt", {}),
+        ("/hello.txt", {"headers": {"If-Modified-Since": later}}),  # 304
+        ("/hello.txt", {"headers": {"If-Modified-Since": earlier}}),
+        ("/hello.txt", {"method": "DELETE"}),  # 501
+        ("/hello.txt", {"method": "PUT"}),
+    ]
+    with _d_loopback(app) as base:
+        net, inproc = _d_net_opener(), _d_inproc_opener({"api": app})
+        for path, kw in requests:
+            expected = _d_observe(net, base + path, **kw)
+            got = _d_observe(inproc, "inproc://api" + path, **kw)
+            assert got == expected, (path, kw)
+    # the cases meant something
+    assert _d_observe(inproc, "inproc://api/sub")[1:2] == (200,)
+    assert _d_observe(inproc, "inproc://api/sub")[-1] == "/sub/"
+    not_modified = _d_observe(inproc, "inproc://api/hello.txt",
+                              headers={"If-Modified-Since": later})
+    assert not_modified[:2] == ("HTTPError", 304)
+    assert _d_observe(inproc, "inproc://api/x", method="DELETE")[:2] == ("HTTPError", 501)
+
+
+class _DChunkedHandler(_DQuietHandler):
+    """Writes its framing by hand: chunked (with an extension and a trailer),
+    close-delimited and Content-Length bodies."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        if self.path == "/chunked":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for part in (b"first ", b"second;", b"", b"x" * 5000):
+                if part:
+                    self.wfile.write(b"%x;ext=1\r\n%s\r\n" % (len(part), part))
+                    self.wfile.flush()
+            self.wfile.write(b"0\r\nX-Trailer: t\r\n\r\n")
+        elif self.path == "/close":
+            self.close_connection = True
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for i in range(5):
+                self.wfile.write(b"line %d\n" % i)
+                self.wfile.flush()
+        else:
+            body = b"sized body"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+
+def test_diff_handler_hand_written_framing():
+    requests = [(p, {}) for p in ("/chunked", "/close", "/sized")]
+    requests.append(("/chunked", {"method": "HEAD"}))
+    with _d_loopback(_DChunkedHandler) as base:
+        net, inproc = _d_net_opener(), _d_inproc_opener({"api": _DChunkedHandler})
+        for path, kw in requests:
+            assert _d_observe(inproc, "inproc://api" + path, **kw) == _d_observe(
+                net, base + path, **kw), path
+    ok = _d_observe(inproc, "inproc://api/chunked")
+    assert ok[4] == b"first second;" + b"x" * 5000
+    assert ("transfer-encoding", "chunked") in ok[3]
+
+
+class _DSendErrorHandler(_DQuietHandler):
+    def do_GET(self):
+        if self.path == "/teapot":
+            self.send_error(418, "Short and stout", "Tip me over and pour me out")
+        elif self.path == "/unavailable":
+            self.send_error(503)
+        elif self.path == "/bad":
+            self.send_error(400, "Bad <request>")
+        else:
+            self.send_error(404)
+
+    do_HEAD = do_GET
+
+
+def test_diff_handler_send_error():
+    requests = [("/teapot", {}), ("/unavailable", {}), ("/bad", {}), ("/nope", {}),
+                ("/teapot", {"method": "HEAD"})]
+    with _d_loopback(_DSendErrorHandler) as base:
+        net, inproc = _d_net_opener(), _d_inproc_opener({"api": _DSendErrorHandler})
+        for path, kw in requests:
+            got = _d_observe(inproc, "inproc://api" + path, **kw)
+            assert got == _d_observe(net, base + path, **kw), path
+            assert got[0] == "HTTPError"
+    teapot = _d_observe(inproc, "inproc://api/teapot")
+    assert teapot[1:3] == (418, "Short and stout")
+    assert b"Tip me over and pour me out" in teapot[4]
+
+
+def test_diff_redirects_loops_and_chains(d_route):
+    make_app, timeout = d_route
+    to = urllib.parse.quote
+    requests = [
+        ("/go?code=302&to=echo", {}),
+        ("/dir/go?code=301&to=" + to("../echo?q=1"), {}),
+        ("/go?code=301&to=/echo", {"data": b"a=1"}),
+        ("/go?code=302&to=/echo", {"data": b"a=2", "headers": {"X-Extra": "kept"}}),
+        ("/go?code=303&to=/echo", {"data": b"a=3"}),
+        ("/go?code=307&to=/echo", {}),
+        ("/go?code=307&to=/echo", {"data": b"a=4"}),  # urllib refuses: HTTPError 307
+        ("/go?code=308&to=/echo", {}),  # followed on 3.11+, HTTPError before
+        ("/go?code=302&to=/echo", {"method": "HEAD"}),
+        ("/go?code=302&to=" + to("/echo/caf\u00c3\u00a9 x", encoding="latin-1"), {}),
+        ("/loop", {}),
+        ("/chain/0", {}),
+        ("/chain/12", {}),
+        ("/teapot", {}),
+    ]
+    calls = _d_compare(make_app, requests, timeout)
+    assert calls.count(("GET", "/loop", "", b"")) == 5
+    assert ("GET", "/echo/caf\u00c3\u00a9 x", "", b"") in calls
+
+
+def test_redirect_loop_message_matches_urllib(d_route):
+    make_app, timeout = d_route
+    opener = _d_inproc_opener({"api": make_app([])})
+    with _d_http_error(302) as info:
+        opener.open("inproc://api/loop", timeout=timeout)
+    assert info.value.msg == urllib.request.HTTPRedirectHandler.inf_msg + "Found"
+    assert info.value.geturl() == "inproc://api/loop"
+    with _d_http_error(302) as info:
+        opener.open("inproc://api/chain/0", timeout=timeout)
+    assert "infinite loop" in info.value.msg
+
+
+def test_diff_wsgi_demo_app(d_timeout):
+    app = wsgiref.validate.validator(wsgiref.simple_server.demo_app)
+    with _d_loopback(app) as base:
+        net = _d_observe(_d_net_opener(), base + "/demo?x=1")
+        got = _d_observe(_d_inproc_opener({"api": app}), "inproc://api/demo?x=1",
+                         timeout=d_timeout)
+    assert got[:3] == net[:3] == ("ok", 200, "OK")
+    # the validator's iterator has no len(): neither server adds a Content-Length
+    assert got[3] == net[3] == [("content-type", "text/plain; charset=utf-8")]
+    for obs in (got, net):
+        assert obs[4].startswith(b"Hello world!\n\n")
+        assert b"\nPATH_INFO = '/demo'\n" in obs[4] and b"\nQUERY_STRING = 'x=1'\n" in obs[4]
+        assert b"\nREQUEST_METHOD = 'GET'\n" in obs[4]
+    # wsgiref copies the process environment into environ; the bridge must not
+    cgi = ("PATH_INFO", "QUERY_STRING", "SCRIPT_NAME", "REMOTE_ADDR", "CONTENT_TYPE",
+           "CONTENT_LENGTH")
+    host_env = [k for k in wsgiref.handlers.BaseHandler.os_environ
+                if k not in cgi and not k.startswith(("HTTP_", "SERVER_", "REQUEST_", "wsgi."))]
+    assert host_env  # wsgiref took a copy at import time
+    assert any(("\n%s = " % k).encode("latin-1", "replace") in net[4] for k in host_env)
+    assert [k for k in host_env if ("\n%s = " % k).encode("latin-1", "replace") in got[4]] == []
+
+
+def _d_environ_app(calls, hosts=None):
+    """Echoes the environ keys both servers must agree on; ``hosts`` (if
+    given) records HTTP_HOST, which differs between them."""
+    keys = ("REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "CONTENT_LENGTH",
+            "SERVER_PROTOCOL", "REMOTE_ADDR", "wsgi.url_scheme")
+
+    def environ_app(environ, start_response):
+        body = _d_read_input(environ)
+        seen = {k: environ.get(k) for k in keys}
+        # PEP 3333 lets both be empty or absent: wsgiref sends CONTENT_LENGTH
+        # '' and CONTENT_TYPE 'text/plain' for a request without them.
+        seen["CONTENT_LENGTH"] = environ.get("CONTENT_LENGTH") or None
+        seen["CONTENT_TYPE"] = environ.get("CONTENT_TYPE") if seen["CONTENT_LENGTH"] else None
+        seen.update((k, v) for k, v in environ.items()
+                    if k.startswith("HTTP_") and k != "HTTP_HOST")
+        seen["body"] = body.decode("latin-1")
+        calls.append(seen)
+        if hosts is not None:
+            hosts.append((environ.get("HTTP_HOST"), environ["SERVER_PORT"]))
+        out = json.dumps(seen, sort_keys=True).encode()
+        start_response("200 OK", [("Content-Type", "application/json; charset=utf-8")])
+        return [out]
+
+    return wsgiref.validate.validator(environ_app)
+
+
+def test_diff_wsgi_unicode_paths_and_queries(d_timeout):
+    paths = [
+        "/caf%C3%A9",
+        "/%E2%82%AC%20x/y",
+        "/a%2Fb/c",
+        "/%FF%FE/%00",
+        "/%7Euser/;param=1",
+        "/q?name=%C3%A9t%C3%A9&x=1+2&raw=%E2%82%AC&empty",
+        "/q?",
+        "/",
+    ]
+    calls = _d_compare(_d_environ_app, [(p, {}) for p in paths], d_timeout)
+    assert len(calls) == len(paths)
+    for path, seen in zip(paths, calls):
+        raw_path, _, query = path.partition("?")
+        assert seen["PATH_INFO"] == urllib.parse.unquote_to_bytes(raw_path).decode("latin-1")
+        assert seen["QUERY_STRING"] == query
+    assert calls[0]["PATH_INFO"] == "/caf\u00c3\u00a9"
+
+
+def _d_framing_wsgi(calls):
+    """Responses without a Content-Length, framed by the server."""
+
+    def framing_app(environ, start_response):
+        path = environ["PATH_INFO"]
+        calls.append(path)
+        text = [("Content-Type", "text/plain")]
+        if path == "/boom":
+            raise RuntimeError("d: failed before responding")
+        if path == "/no-content":
+            start_response("204 No Content", [])
+            return []
+        start_response("200 OK", [*text, ("X-Path", path)])
+        if path == "/one":
+            return [b"single chunk"]
+        if path == "/many":
+            return [b"first,", b"", b"second,", b"third"]
+        if path == "/empty":
+            return []
+        if path == "/empty-chunks":
+            return [b"", b""]
+        if path == "/gen":
+            return (part for part in (b"", b"g1,", b"", b"g2"))
+        return [b"other"]
+
+    return wsgiref.validate.validator(framing_app)
+
+
+def test_diff_wsgi_framing_and_errors(d_timeout, caplog):
+    paths = ["/one", "/many", "/empty", "/gen", "/no-content", "/boom"]
+    requests = [(p, {}) for p in paths] + [(p, {"method": "HEAD"}) for p in ("/one", "/many")]
+    with caplog.at_level("CRITICAL", logger="inproc_bridge"):
+        _d_compare(_d_framing_wsgi, requests, d_timeout)
+    opener = _d_inproc_opener({"api": _d_framing_wsgi([])})
+    assert _d_observe(opener, "inproc://api/empty", timeout=d_timeout)[3] == [
+        ("content-type", "text/plain"), ("x-path", "/empty"), ("content-length", "0")]
+    # wsgiref sends its headers on the first (empty) chunk, against PEP 3333;
+    # the bridge waits for the iterable to end and sends a Content-Length of 0
+    assert _d_observe(opener, "inproc://api/empty-chunks", timeout=d_timeout)[3:5] == (
+        [("content-type", "text/plain"), ("x-path", "/empty-chunks"), ("content-length", "0")],
+        b"")
+    boom = _d_observe(opener, "inproc://api/boom", timeout=d_timeout)
+    assert boom[:3] == ("HTTPError", 500, "Internal Server Error")
+
+
+def test_diff_wsgi_request_headers_and_bodies(d_timeout):
+    requests = [
+        ("/get", {}),
+        ("/post", {"data": b"a=1&b=2"}),
+        ("/typed", {"data": b"{}", "headers": {"Content-Type": "application/json"}}),
+        ("/put", {"data": b"payload", "method": "PUT"}),
+        ("/hdr", {"headers": {"X-Custom": "v1", "Accept": "text/plain",
+                              "User-Agent": "d-agent/1.0"}}),
+        ("/latin", {"headers": {"X-Latin": "caf\u00e9"}}),
+    ]
+    calls = _d_compare(_d_environ_app, requests, d_timeout)
+    assert calls[1]["CONTENT_LENGTH"] == "7" and calls[1]["body"] == "a=1&b=2"
+    assert calls[0]["HTTP_USER_AGENT"] == "Python-urllib/%d.%d" % sys.version_info[:2]
+
+
+def test_diff_wsgi_header_value_whitespace_stripped(d_timeout):
+    calls = _d_compare(_d_environ_app, [("/spaces", {"headers": {"X-Pad": "  padded \t"}})],
+                       d_timeout)
+    assert calls[0]["HTTP_X_PAD"] == "padded"
+
+
+def test_diff_wsgi_raw_non_ascii_url_refused_alike(d_timeout):
+    calls = []
+    app = _d_environ_app(calls)
+    with _d_loopback(app) as base:
+        expected = _d_error(_d_net_opener(), base + "/caf\u00e9")
+    got = _d_error(_d_inproc_opener({"api": app}), "inproc://api/caf\u00e9", timeout=d_timeout)
+    assert expected is UnicodeEncodeError
+    assert got is expected
+    assert calls == []
+
+
+def test_diff_handler_raw_non_ascii_url_refused_alike():
+    calls = []
+    app = _d_route_handler(calls)
+    with _d_loopback(app) as base:
+        expected = _d_error(_d_net_opener(), base + "/caf\u00e9")
+    assert _d_error(_d_inproc_opener({"api": app}), "inproc://api/caf\u00e9") is expected
+    assert calls == []
+
+
+class _DHeaderEchoHandler(_DQuietHandler):
+    """Echoes the request line, every header but Host, and the raw body
+    bytes as they arrived in rfile (chunked framing included)."""
+
+    def _echo(self):
+        if self.headers.get("Transfer-Encoding") == "chunked":
+            raw = []
+            while True:
+                line = self.rfile.readline()
+                raw.append(line)
+                size = int(line.split(b";")[0].strip(), 16)
+                if size == 0:
+                    raw.append(self.rfile.readline())
+                    break
+                raw.append(self.rfile.read(size + 2))
+            body = b"".join(raw)
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        head = ["%s %s %s" % (self.command, self.path, self.request_version)]
+        head += ["%s: %s" % (k, v) for k, v in self.headers.items() if k.lower() != "host"]
+        out = ("\n".join(head) + "\n\n").encode("latin-1") + body
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    do_GET = do_POST = do_PUT = do_PATCH = _echo
+
+
+def _d_chunks():
+    yield b"alpha,"
+    yield bytearray(b"beta,")
+    yield memoryview(b"gamma")
+
+
+def test_diff_handler_sees_request_as_sent_on_the_wire(tmp_path):
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(b"file body " * 1000)
+    requests = [
+        ("/get?x=1", dict),
+        ("/post", lambda: {"data": b"a=1"}),
+        ("/typed", lambda: {"data": b"[]", "headers": {"Content-Type": "application/json"}}),
+        ("/hdr", lambda: {"headers": {"X-A": "1", "User-Agent": "d-agent", "Source": "spoof"}}),
+        ("/bytearray", lambda: {"data": bytearray(b"ba")}),
+        ("/file", lambda: {"data": io.BytesIO(b"from a file object")}),
+        ("/iter", lambda: {"data": _d_chunks()}),
+        ("/list", lambda: {"data": [b"one", b"two"]}),
+        ("/sized-iter", lambda: {"data": iter([b"abc"]), "headers": {"Content-Length": "3"}}),
+        ("/put", lambda: {"data": b"p", "method": "PUT"}),
+    ]
+    with _d_loopback(_DHeaderEchoHandler) as base:
+        net, inproc = _d_net_opener(), _d_inproc_opener({"api": _DHeaderEchoHandler})
+        for path, kw in requests:
+            expected = _d_observe(net, base + path, **kw())
+            got = _d_observe(inproc, "inproc://api" + path, **kw())
+            assert got == expected, path
+        with upload.open("rb") as net_f, upload.open("rb") as inproc_f:
+            assert _d_observe(inproc, "inproc://api/real-file", data=inproc_f) == _d_observe(
+                net, base + "/real-file", data=net_f)
+    chunked = _d_observe(inproc, "inproc://api/iter", data=_d_chunks())[4]
+    assert b"Transfer-Encoding: chunked" in chunked
+    assert chunked.endswith(b"\n\n6\r\nalpha,\r\n5\r\nbeta,\r\n5\r\ngamma\r\n0\r\n\r\n")
+
+
+def _d_handler_seeing_host():
+    seen = []
+
+    class HostHandler(_DQuietHandler):
+        def do_GET(self):
+            seen.append((self.headers["Host"], self.headers["User-Agent"],
+                         self.headers.get("Content-Type"), self.headers.get("Content-Length")))
+            self.send_response(204)
+            self.end_headers()
+
+        do_POST = do_GET
+
+    return HostHandler, seen
+
+
+def test_request_carries_host_user_agent_and_data_defaults():
+    app, seen = _d_handler_seeing_host()
+    opener = _d_inproc_opener({"api": app})
+    opener.addheaders = [("User-agent", "d-bot/2")]
+    for url, data in (("inproc://api/x", None), ("inproc://API/y", b"k=v")):
+        with opener.open(url, data=data) as resp:
+            assert resp.status == 204 and resp.read() == b""
+    assert seen == [("api", "d-bot/2", None, None),
+                    ("API", "d-bot/2", "application/x-www-form-urlencoded", "3")]
+
+
+def test_request_iterable_body_reaches_wsgi_app_without_length(d_timeout):
+    calls = []
+    opener = _d_inproc_opener({"api": _d_environ_app(calls)})
+    for data in (_d_chunks(), io.BytesIO(b"alpha,beta,gamma"), [b"alpha,", b"beta,gamma"]):
+        with opener.open("inproc://api/up", data=data, timeout=d_timeout) as resp:
+            assert resp.status == 200
+            assert json.loads(resp.read())["body"] == "alpha,beta,gamma"
+        assert calls[-1]["CONTENT_LENGTH"] is None
+    with opener.open("inproc://api/up", data=b"alpha", timeout=d_timeout) as resp:
+        resp.read()
+    assert calls[-1]["CONTENT_LENGTH"] == "5"
+
+
+def test_request_urlopen_with_installed_opener(d_route):
+    make_app, timeout = d_route
+    saved = urllib.request._opener
+    try:
+        urllib.request.install_opener(_d_inproc_opener({"api": make_app([])}))
+        with urllib.request.urlopen("inproc://api/echo?via=urlopen", timeout=timeout) as resp:
+            seen = json.loads(resp.read())
+        assert seen["query"] == "via=urlopen" and seen["method"] == "GET"
+        with _d_http_error(418):
+            urllib.request.urlopen("inproc://api/teapot", timeout=timeout)
+    finally:
+        urllib.request.install_opener(saved)
+    assert urllib.request._opener is saved
+
+
+# ---------------------------------------------------------------------------
+# urllib semantics: errors and redirects within the bridge
+# ---------------------------------------------------------------------------
+
+
+def test_httperror_has_headers_and_readable_body(d_route):
+    make_app, timeout = d_route
+    opener = _d_inproc_opener({"api": make_app([])})
+    with _d_http_error(418) as info:
+        opener.open("inproc://api/teapot", timeout=timeout)
+    err = info.value
+    assert err.reason == "I'm a Teapot"
+    assert err.headers["X-Why"] == "short and stout"
+    assert err.d_body == b"no coffee"
+    assert err.geturl() == "inproc://api/teapot"
+
+
+def test_redirect_absolute_inproc_location(d_route):
+    make_app, timeout = d_route
+    calls, other_calls = [], []
+    opener = _d_inproc_opener({"api": make_app(calls), "other": make_app(other_calls)})
+    for to, final, who in (("inproc://api/echo", "inproc://api/echo", calls),
+                           ("inproc://API/echo?z=1", "inproc://API/echo?z=1", calls),
+                           ("inproc://other", "inproc://other/", other_calls),
+                           ("//other/echo", "inproc://other/echo", other_calls)):
+        url = "inproc://api/go?" + urllib.parse.urlencode({"code": 302, "to": to})
+        with opener.open(url, data=b"dropped", timeout=timeout) as resp:
+            assert resp.geturl() == final
+            resp.read()
+        assert who[-1][0] == "GET" and who[-1][3] == b""
+
+
+def test_redirect_post_becomes_get_for_301_302_303(d_route):
+    make_app, timeout = d_route
+    calls = []
+    opener = _d_inproc_opener({"api": make_app(calls)})
+    for code in (301, 302, 303):
+        url = "inproc://api/go?code=%d&to=/echo" % code
+        req = urllib.request.Request(url, data=b"x=1", headers={"X-Extra": "kept"})
+        with opener.open(req, timeout=timeout) as resp:
+            seen = json.loads(resp.read())
+        assert seen["method"] == "GET" and seen["body"] == ""
+        assert seen["content-type"] is None and seen["x-extra"] == "kept"
+    assert [c[0] for c in calls] == ["POST", "GET"] * 3
+
+
+def test_redirect_307_post_raises_httperror(d_route):
+    make_app, timeout = d_route
+    calls = []
+    opener = _d_inproc_opener({"api": make_app(calls)})
+    with _d_http_error(307) as info:
+        opener.open("inproc://api/go?code=307&to=/echo", data=b"x", timeout=timeout)
+    assert info.value.d_body == b"moved"
+    assert [c[1] for c in calls] == ["/go"]
+    with opener.open("inproc://api/go?code=307&to=/echo", timeout=timeout) as resp:
+        assert json.loads(resp.read())["method"] == "GET"
+
+
+def test_redirect_max_redirections_ends_as_urllib(d_route):
+    make_app, timeout = d_route
+    calls = []
+    opener = _d_inproc_opener({"api": make_app(calls)})
+    with _d_http_error(302) as info:
+        opener.open("inproc://api/chain/0", timeout=timeout)
+    assert info.value.msg.startswith(urllib.request.HTTPRedirectHandler.inf_msg)
+    assert len(calls) == urllib.request.HTTPRedirectHandler.max_redirections + 1
+    del calls[:]
+    with opener.open("inproc://api/chain/11", timeout=timeout) as resp:
+        assert resp.read() == b"end of chain"
+    assert len(calls) == 10
+
+
+class _DRecordingRedirects(urllib.request.HTTPRedirectHandler):
+    max_repeats = 1
+    max_redirections = 3
+
+    def __init__(self):
+        self.seen = []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.seen.append((code, newurl))
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            new.add_header("X-extra", "from-redirector")
+        return new
+
+
+class _DRefusingRedirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self):
+        self.seen = []
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.seen.append(newurl)
+        return None
+
+
+def test_redirect_custom_handler_rules_are_honoured(d_route):
+    make_app, timeout = d_route
+    calls = []
+    redirector = _DRecordingRedirects()
+    opener = _d_inproc_opener({"api": make_app(calls)}, redirector)
+    with opener.open("inproc://api/go?code=302&to=/echo", timeout=timeout) as resp:
+        assert json.loads(resp.read())["x-extra"] == "from-redirector"
+    assert redirector.seen == [(302, "inproc://api/echo")]
+    del calls[:]
+    with _d_http_error(302):  # max_repeats = 1: the second visit ends it
+        opener.open("inproc://api/loop", timeout=timeout)
+    assert len(calls) == 2
+    del calls[:]
+    with _d_http_error(302):  # max_redirections = 3
+        opener.open("inproc://api/chain/0", timeout=timeout)
+    assert len(calls) == 4
+
+
+def test_diff_redirect_custom_handler_rules(d_route):
+    make_app, timeout = d_route
+    _d_compare(make_app, [("/go?code=302&to=/echo", {}), ("/loop", {}), ("/chain/0", {}),
+                          ("/chain/17", {})], timeout, _DRecordingRedirects)
+
+
+def test_redirect_refused_by_redirect_request_is_httperror_as_urllib(d_route):
+    make_app, timeout = d_route
+    _d_compare(make_app, [("/go?code=302&to=/echo", {}), ("/go?code=301&to=echo", {})],
+               timeout, _DRefusingRedirects)
+    redirector = _DRefusingRedirects()
+    opener = _d_inproc_opener({"api": make_app([])}, redirector)
+    for location in ("/echo", "echo", "inproc://api/echo"):
+        url = "inproc://api/go?" + urllib.parse.urlencode({"code": 302, "to": location})
+        with _d_http_error(302) as info:
+            opener.open(url, timeout=timeout)
+        assert info.value.msg == "Found"  # not "... Redirection to url ... is not allowed"
+        assert info.value.geturl() == url
+        assert info.value.d_body == b"moved"
+    # asked once per redirect, always with the absolute URL
+    assert redirector.seen == ["inproc://api/echo"] * 3
+
+
+# ---------------------------------------------------------------------------
+# Cookies and auth
+# ---------------------------------------------------------------------------
+
+
+def test_cookie_set_then_sent_back(d_route):
+    make_app, timeout = d_route
+    jar = http.cookiejar.CookieJar()
+    opener = _d_inproc_opener({"api": make_app([])}, urllib.request.HTTPCookieProcessor(jar))
+    with opener.open("inproc://api/set-cookie?sid=abc123", timeout=timeout) as resp:
+        assert resp.headers["Set-Cookie"] == "sid=abc123; Path=/"
+        resp.read()
+    assert [c.name for c in jar] == ["sid"]
+    with opener.open("inproc://api/echo", timeout=timeout) as resp:
+        assert json.loads(resp.read())["cookie"] == "sid=abc123"
+    with opener.open("inproc://api/set-cookie-redirect", timeout=timeout) as resp:
+        cookie = json.loads(resp.read())["cookie"]
+    assert sorted(cookie.split("; ")) == ["hop=1", "sid=abc123"]
+
+
+def test_diff_cookie_processor(d_route):
+    make_app, timeout = d_route
+    jar_factory = lambda: urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())  # noqa: E731
+    _d_compare(make_app, [("/echo", {}), ("/set-cookie?a=1&b=2", {}), ("/echo", {}),
+                          ("/set-cookie-redirect", {}), ("/echo", {"data": b"z"})],
+               timeout, jar_factory)
+
+
+@contextlib.contextmanager
+def _d_dropped_responses():
+    """urllib's auth handlers drop each 401 response unclosed; record the
+    ResourceWarnings that may cause instead of failing on them (see
+    test_auth_dropped_401_responses_do_not_warn)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        yield caught
+        gc.collect()
+
+
+def _d_password_mgr(uri, password=_D_PASS):
+    mgr = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+    mgr.add_password(None, uri, _D_USER, password)
+    return mgr
+
+
+def test_auth_basic_with_password_for_inproc_url(d_route):
+    make_app, timeout = d_route
+    calls = []
+    auth = urllib.request.HTTPBasicAuthHandler(_d_password_mgr("inproc://api/"))
+    opener = _d_inproc_opener({"api": make_app(calls)}, auth)
+    with _d_dropped_responses():
+        with opener.open("inproc://api/basic", timeout=timeout) as resp:
+            assert resp.read() == b"welcome, basic"
+    assert len(calls) == 2
+
+
+def test_auth_basic_wrong_password_is_401(d_route):
+    make_app, timeout = d_route
+    auth = urllib.request.HTTPBasicAuthHandler(_d_password_mgr("inproc://api/", "wrong"))
+    opener = _d_inproc_opener({"api": make_app([])}, auth)
+    with _d_dropped_responses():
+        # _d_observe keeps no traceback alive: the responses urllib dropped
+        # are released at once, not by a later garbage collection
+        seen = _d_observe(opener, "inproc://api/basic", timeout=timeout)
+    assert seen[:3] == ("HTTPError", 401, "Unauthorized")
+    assert ("www-authenticate", 'Basic realm="%s"' % _D_REALM) in seen[3]
+    assert seen[4] == b"denied"
+
+
+def test_auth_digest_with_password_for_inproc_url(d_route):
+    make_app, timeout = d_route
+    calls = []
+    auth = urllib.request.HTTPDigestAuthHandler(_d_password_mgr("inproc://api/"))
+    opener = _d_inproc_opener({"api": make_app(calls)}, auth)
+    with _d_dropped_responses():
+        with opener.open("inproc://api/digest", timeout=timeout) as resp:
+            assert resp.read() == b"welcome, digest"
+    assert len(calls) == 2
+
+
+def test_auth_digest_wrong_password_fails(d_route):
+    make_app, timeout = d_route
+    auth = urllib.request.HTTPDigestAuthHandler(_d_password_mgr("inproc://api/", "wrong"))
+    opener = _d_inproc_opener({"api": make_app([])}, auth)
+    with _d_dropped_responses():
+        seen = _d_observe(opener, "inproc://api/digest", timeout=timeout)
+    assert seen[:3] == ("HTTPError", 401, "digest auth failed")
+
+
+def test_diff_auth_basic_and_digest(d_route):
+    make_app, timeout = d_route
+    net_calls, inproc_calls = [], []
+    with _d_loopback(make_app(net_calls)) as base, _d_dropped_responses():
+        for handler_class in (urllib.request.HTTPBasicAuthHandler,
+                              urllib.request.HTTPDigestAuthHandler):
+            for password in (_D_PASS, "wrong"):
+                for path in ("/basic", "/digest"):
+                    net = _d_net_opener(handler_class(_d_password_mgr(base + "/", password)))
+                    inproc = _d_inproc_opener(
+                        {"api": make_app(inproc_calls)},
+                        handler_class(_d_password_mgr("inproc://api/", password)))
+                    expected = _d_outcome(net, base + path)
+                    assert _d_outcome(inproc, "inproc://api" + path, timeout=timeout) == expected
+    assert [c[1] for c in inproc_calls] == [c[1] for c in net_calls]
+
+
+def test_auth_dropped_401_responses_do_not_warn(d_route):
+    make_app, timeout = d_route
+    with _d_loopback(make_app([])) as base, _d_dropped_responses() as caught:
+        for handler_class, path in ((urllib.request.HTTPBasicAuthHandler, "/basic"),
+                                    (urllib.request.HTTPDigestAuthHandler, "/digest")):
+            with _d_net_opener(handler_class(_d_password_mgr(base + "/"))).open(
+                    base + path, timeout=_D_NET_TIMEOUT) as resp:
+                resp.read()
+            gc.collect()
+            assert [str(w.message) for w in caught] == []  # http:// is silent
+            opener = _d_inproc_opener({"api": make_app([])},
+                                      handler_class(_d_password_mgr("inproc://api/")))
+            with opener.open("inproc://api" + path, timeout=timeout) as resp:
+                resp.read()
+            gc.collect()
+            assert [str(w.message) for w in caught] == []
+
+
+# ---------------------------------------------------------------------------
+# Interception of http:// and https://
+# ---------------------------------------------------------------------------
+
+
+class _DFallThroughHTTP(urllib.request.HTTPHandler):
+    """Stands in for the network: records what reached urllib's real
+    handler and fails it at once (loopback requests really go out)."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def http_open(self, req):
+        if req.host.startswith("127.0.0.1:"):
+            return super().http_open(req)
+        self.seen.append(req.full_url)
+        raise urllib.error.URLError("d: fell through to the network")
+
+
+class _DFallThroughHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def https_open(self, req):
+        self.seen.append(req.full_url)
+        raise urllib.error.URLError("d: fell through to the network")
+
+
+def _d_intercept_opener(apps, seen):
+    return _d_inproc_opener(apps, _DFallThroughHTTP(seen), _DFallThroughHTTPS(seen),
+                            intercept_http=True)
+
+
+def test_intercept_serves_mounted_hosts_with_their_scheme_and_host(d_timeout):
+    calls, hosts, seen = [], [], []
+    opener = _d_intercept_opener({"API.internal": _d_environ_app(calls, hosts)}, seen)
+    cases = [("http://api.internal/a", "http", ("api.internal", "80")),
+             ("https://api.internal/b?x=1", "https", ("api.internal", "443")),
+             ("http://API.Internal/c", "http", ("API.Internal", "80")),
+             ("http://api.internal:80/d", "http", ("api.internal:80", "80")),
+             ("https://api.internal:443/e", "https", ("api.internal:443", "443"))]
+    for url, scheme, host in cases:
+        with opener.open(url, timeout=d_timeout) as resp:
+            assert resp.geturl() == url
+            resp.read()
+        assert calls[-1]["wsgi.url_scheme"] == scheme
+        assert hosts[-1] == host
+    assert len(calls) == len(cases) and seen == []
+
+
+def test_intercept_handler_class_sees_host_it_was_called_with():
+    app, seen_by_app = _d_handler_seeing_host()
+    fell = []
+    opener = _d_intercept_opener({"api.internal": app}, fell)
+    for url in ("http://api.internal/x", "https://API.internal:443/y"):
+        with opener.open(url) as resp:
+            assert resp.status == 204
+    assert [s[0] for s in seen_by_app] == ["api.internal", "API.internal:443"]
+    assert fell == []
+
+
+def test_intercept_other_hosts_and_ports_fall_through(d_timeout):
+    calls, fell = [], []
+    opener = _d_intercept_opener(
+        {"api.internal": _d_environ_app(calls), "ported.internal:8080": _d_environ_app(calls)},
+        fell)
+    misses = ["http://api.internal:8080/", "https://api.internal:80/", "http://api.internal:443/",
+              "http://api.internal.evil.com/", "http://evil.com/api.internal",
+              "http://api.internal@evil.com/", "https://xapi.internal/",
+              "http://ported.internal/", "http://ported.internal:80/",
+              "https://ported.internal/"]
+    for url in misses:
+        with pytest.raises(urllib.error.URLError) as info:
+            with opener.open(url, timeout=d_timeout):
+                pass
+        assert not isinstance(info.value, urllib.error.HTTPError)
+    assert fell == misses
+    with opener.open("http://ported.internal:8080/hit", timeout=d_timeout) as resp:
+        resp.read()
+    assert [c["PATH_INFO"] for c in calls] == ["/hit"]
+
+
+def test_intercept_off_by_default():
+    fell = []
+    calls = []
+    opener = _d_inproc_opener({"api.internal": _d_environ_app(calls)}, _DFallThroughHTTP(fell))
+    with pytest.raises(urllib.error.URLError):
+        opener.open("http://api.internal/")
+    assert fell == ["http://api.internal/"] and calls == []
+
+
+def test_intercept_passes_unmounted_loopback_untouched(d_route):
+    make_app, timeout = d_route
+    inproc_calls = []
+    with _d_loopback(_DHeaderEchoHandler) as base:
+        plain = _d_net_opener()
+        intercepting = _d_inproc_opener({"api.internal": make_app(inproc_calls),
+                                         "localhost": make_app(inproc_calls)},
+                                        intercept_http=True)
+        for path, kw in (("/x?y=1", {}), ("/p", {"data": b"abc"}),
+                         ("/h", {"headers": {"X-A": "b"}})):
+            expected = _d_observe(plain, base + path, **kw)
+            assert _d_observe(intercepting, base + path, **kw) == expected
+        # the mounted host next to it is still served in-process
+        with intercepting.open("http://api.internal/echo", timeout=timeout) as resp:
+            assert json.loads(resp.read())["path"] == "/echo"
+    assert [c[1] for c in inproc_calls] == ["/echo"]
+
+
+def test_intercept_redirect_within_bridge_uses_http_rules(d_route):
+    make_app, timeout = d_route
+    calls = []
+    opener = _d_inproc_opener({"api.internal": make_app(calls)}, intercept_http=True)
+    with opener.open("http://api.internal/go?code=302&to=echo", data=b"q",
+                     timeout=timeout) as resp:
+        assert resp.geturl() == "http://api.internal/echo"
+        assert json.loads(resp.read())["method"] == "GET"
+    with _d_http_error(302) as info:
+        opener.open("https://api.internal/loop", timeout=timeout)
+    assert "infinite loop" in info.value.msg
+
+
+def test_intercept_redirects_between_inproc_and_intercepted_hosts(d_route):
+    make_app, timeout = d_route
+    calls = []
+    app = make_app(calls)
+    opener = _d_inproc_opener({"api": app, "api.internal": app}, intercept_http=True)
+    hops = [("inproc://api/go?", "http://api.internal/echo"),
+            ("http://api.internal/go?", "inproc://api/echo"),
+            ("https://api.internal/go?", "inproc://api/echo?z=1")]
+    for start, to in hops:
+        url = start + urllib.parse.urlencode({"code": 302, "to": to})
+        with opener.open(url, timeout=timeout) as resp:
+            assert resp.geturl() == to
+            assert json.loads(resp.read())["path"] == "/echo"
+    assert [c[1] for c in calls] == ["/go", "/echo"] * 3
+
+
+def test_intercept_redirect_loop_across_schemes_ends_as_urllib(d_route):
+    make_app, timeout = d_route
+    calls = []
+    app = make_app(calls)
+    opener = _d_inproc_opener({"api": app, "api.internal": app}, intercept_http=True)
+    with _d_http_error(302) as info:
+        opener.open("inproc://api/ping", timeout=timeout)
+    assert info.value.msg.startswith(urllib.request.HTTPRedirectHandler.inf_msg)
+    # one redirect_dict across both schemes: each URL is followed max_repeats
+    # (4) times, the 9th response ends it
+    assert [c[1] for c in calls] == ["/ping", "/pong"] * 4 + ["/ping"]
+
+
+# ---------------------------------------------------------------------------
+# Security
+# ---------------------------------------------------------------------------
+
+
+def _d_network_redirector(location, code=302):
+    class NetRedirect(_DQuietHandler):
+        def do_GET(self):
+            self.send_response(code)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    return NetRedirect
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("location", [
+    "inproc://api/echo",
+    "inproc://API/echo",
+    "http://api.internal/echo",
+    "https://api.internal/echo",
+    "HTTP://API.INTERNAL:80/echo",
+    "https://api.internal:443/",
+])
+def test_security_network_response_cannot_redirect_into_bridge(code, location):
+    calls, fell = [], []
+    apps = {"api": _d_route_wsgi(calls), "api.internal": _d_route_handler(calls)}
+    with _d_loopback(_d_network_redirector(location, code)) as base:
+        intercepting = _d_intercept_opener(apps, fell)
+        with _d_http_error(code):
+            intercepting.open(base + "/start", timeout=_D_NET_TIMEOUT)
+        plain = _d_inproc_opener(apps, _DFallThroughHTTP(fell), _DFallThroughHTTPS(fell))
+        followed = code != 308 or hasattr(urllib.request.HTTPRedirectHandler, "http_error_308")
+        if location.lower().startswith("inproc:") or not followed:
+            with _d_http_error(code):
+                plain.open(base + "/start", timeout=_D_NET_TIMEOUT)
+        else:
+            # without interception that host is the network's: followed there
+            with pytest.raises(urllib.error.URLError) as info:
+                plain.open(base + "/start", timeout=_D_NET_TIMEOUT)
+            assert not isinstance(info.value, urllib.error.HTTPError)
+            assert len(fell) == 1
+    assert calls == []
+
+
+def test_security_network_redirect_chain_cannot_reach_bridge():
+    calls = []
+    apps = {"api.internal": _d_route_wsgi(calls)}
+    with _d_loopback(_d_network_redirector("http://api.internal/echo")) as inner:
+        with _d_loopback(_d_network_redirector(inner + "/hop")) as outer:
+            opener = _d_intercept_opener(apps, [])
+            with _d_http_error(302) as info:
+                opener.open(outer + "/start", timeout=_D_NET_TIMEOUT)
+    assert info.value.geturl().startswith(inner)
+    assert calls == []
+
+
+def test_security_inproc_to_network_to_inproc_is_blocked(d_route):
+    make_app, timeout = d_route
+    calls, fell = [], []
+    app = make_app(calls)
+    with _d_loopback(_d_network_redirector("inproc://api/echo")) as to_inproc, \
+            _d_loopback(_d_network_redirector("http://api.internal/echo")) as to_intercepted:
+        opener = _d_intercept_opener({"api": app, "api.internal": app}, fell)
+        for network in (to_inproc, to_intercepted):
+            url = "inproc://api/go?" + urllib.parse.urlencode({"code": 302, "to": network + "/x"})
+            with _d_http_error(302) as info:
+                opener.open(url, timeout=timeout)
+            assert info.value.geturl() == network + "/x"
+    # only the two first hops reached the app; the network's redirects did not
+    assert [c[1] for c in calls] == ["/go", "/go"]
+    assert fell == []
+
+
+@pytest.mark.parametrize("url", [
+    "inproc://api.evil/echo", "inproc://evil/api", "inproc://api@evil/echo",
+    "inproc://evil@api/echo", "inproc://ap/echo", "inproc://apii/echo", "inproc://api./echo",
+    "inproc:///api/echo", "inproc://api%2Fx/echo",
+])
+def test_security_exact_host_matching(url):
+    calls = []
+    opener = _d_inproc_opener({"api": _d_route_wsgi(calls)})
+    with pytest.raises(urllib.error.URLError) as info:
+        with opener.open(url):
+            pass
+    assert not isinstance(info.value, urllib.error.HTTPError)
+    assert calls == []
+
+
+def _d_refused(opener, req, timeout, exc_class):
+    """Assert opening ``req`` raises ``exc_class``; close any response."""
+    try:
+        resp = opener.open(req, timeout=timeout)
+    except exc_class:
+        return
+    resp.close()
+    pytest.fail("request was not refused: %r" % (req.full_url,))
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb", "a\r\n\r\nGET / HTTP/1.1",
+                                   "a\r\n"])
+def test_security_header_value_injection_refused(d_route, value):
+    make_app, timeout = d_route
+    calls = []
+    opener = _d_inproc_opener({"api": make_app(calls)})
+    _d_refused(opener, urllib.request.Request("inproc://api/echo", headers={"X-Bad": value}),
+               timeout, ValueError)
+    assert calls == []
+
+
+def test_security_header_value_nul_refused_wsgi(d_timeout):
+    calls = []
+    opener = _d_inproc_opener({"api": _d_route_wsgi(calls)})
+    _d_refused(opener, urllib.request.Request("inproc://api/echo", headers={"X-Bad": "a\x00b"}),
+               d_timeout, ValueError)
+    assert calls == []
+
+
+def test_security_header_value_nul_refused_handler_class():
+    calls = []
+    opener = _d_inproc_opener({"api": _d_route_handler(calls)})
+    try:
+        _d_refused(opener, urllib.request.Request("inproc://api/echo",
+                                                  headers={"X-Bad": "a\x00b"}), 5, ValueError)
+    finally:
+        assert calls == []
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\r\n\r\nGET / HTTP/1.1"])
+def test_diff_security_header_injection_refused_alike(value):
+    calls = []
+    app = _d_route_handler(calls)
+    with _d_loopback(app) as base:
+        expected = _d_error(_d_net_opener(), base + "/echo", headers={"X-Bad": value})
+    assert expected is ValueError
+    assert _d_error(_d_inproc_opener({"api": app}), "inproc://api/echo",
+                    headers={"X-Bad": value}) is expected
+    assert calls == []
+
+
+@pytest.mark.parametrize("path", ["/a b", "/a\r\nX-Injected: 1", "/a\nb", "/a\x00b", "/a\x7fb",
+                                  "/a\tb", "/q?x=1 HTTP/1.1\r\nX: y"])
+def test_security_url_control_characters_refused(d_route, path):
+    make_app, timeout = d_route
+    calls = []
+    opener = _d_inproc_opener({"api": make_app(calls)})
+    _d_refused(opener, urllib.request.Request("inproc://api" + path), timeout,
+               http.client.InvalidURL)
+    assert calls == []
+
+
+def test_diff_security_url_control_characters_refused_alike():
+    calls = []
+    app = _d_route_handler(calls)
+    with _d_loopback(app) as base:
+        for path in ("/a b", "/a\r\nX: 1", "/a\x00b"):
+            expected = _d_error(_d_net_opener(), base + path)
+            assert expected is http.client.InvalidURL
+            assert _d_error(_d_inproc_opener({"api": app}), "inproc://api" + path) is expected
+    assert calls == []
+
+
+def test_security_method_control_characters_refused(d_route):
+    make_app, timeout = d_route
+    calls = []
+    opener = _d_inproc_opener({"api": make_app(calls)})
+    _d_refused(opener, urllib.request.Request("inproc://api/echo", method="GET\r\nX: y"),
+               timeout, ValueError)
+    assert calls == []
+
+
+def test_security_non_latin1_header_value_refused_alike(d_route):
+    make_app, timeout = d_route
+    calls = []
+    opener = _d_inproc_opener({"api": make_app(calls)})
+    _d_refused(opener, urllib.request.Request("inproc://api/echo", headers={"X-U": "\u20ac"}),
+               timeout, UnicodeEncodeError)
+    assert calls == []
+
+
+def _d_source_reporter(seen):
+    def source_app(environ, start_response):
+        seen.append((ib.current_source(), ib.current_actor(), environ["inproc.source"],
+                     environ["inproc.actor"], environ.get("HTTP_SOURCE"),
+                     environ.get("HTTP_X_INPROC_SOURCE")))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    return wsgiref.validate.validator(source_app)
+
+
+def _d_source_handler(seen):
+    class SourceHandler(_DQuietHandler):
+        def do_GET(self):
+            seen.append((ib.current_source(), ib.current_actor(), self.headers["Source"],
+                         self.headers["X-Inproc-Source"]))
+            self.send_response(204)
+            self.end_headers()
+
+    return SourceHandler
+
+
+_D_SPOOF = {"Source": "billing", "X-Inproc-Source": "billing", "X-Inproc-Actor": "root",
+            "Actor": "root"}
+
+
+def test_security_source_header_cannot_forge_source(d_timeout):
+    seen = []
+    factory = ib.OpenerFactory({"api": _d_source_reporter(seen)})
+    for opener, source, actor in ((factory.opener_for(), None, None),
+                                  (factory.opener_for(source=ib.SOURCE_AGENTS, actor="user-7"),
+                                   "agents", "user-7")):
+        req = urllib.request.Request("inproc://api/", headers=_D_SPOOF)
+        with opener.open(req, timeout=d_timeout) as resp:
+            resp.read()
+        assert seen[-1] == (source, actor, source, actor, "billing", "billing")
+
+
+def test_security_source_header_cannot_forge_source_handler_class():
+    seen = []
+    factory = ib.OpenerFactory({"api": _d_source_handler(seen)})
+    for opener, source, actor in ((factory.opener_for(), None, None),
+                                  (factory.opener_for(source="agents", actor="user-7"),
+                                   "agents", "user-7")):
+        with opener.open(urllib.request.Request("inproc://api/", headers=_D_SPOOF)) as resp:
+            resp.read()
+        assert seen[-1] == (source, actor, "billing", "billing")
+    handler = ib.InProcHandler({"api": _d_source_handler(seen)}, source="billing-job")
+    with urllib.request.build_opener(handler).open(
+            urllib.request.Request("inproc://api/", headers={"Source": "agents"})) as resp:
+        resp.read()
+    assert seen[-1][0] == "billing-job" and isinstance(seen[-1][0], ib.Source)
+
+
+# ---------------------------------------------------------------------------
+# xmlrpc round trips
+# ---------------------------------------------------------------------------
+
+
+class _DOpenerTransport(xmlrpc.client.Transport):
+    """Sends XML-RPC through a urllib opener (so through the bridge)."""
+
+    def __init__(self, opener, scheme, timeout=None):
+        super().__init__()
+        self._d_opener = opener
+        self._d_scheme = scheme
+        self._d_timeout = timeout
+
+    def request(self, host, handler, request_body, verbose=False):
+        self.verbose = verbose  # parse_response() reads it
+        url = "%s://%s%s" % (self._d_scheme, host, handler)
+        req = urllib.request.Request(url, data=request_body, headers={
+            "Content-Type": "text/xml", "User-Agent": self.user_agent})
+        try:
+            resp = self._d_opener.open(req, timeout=self._d_timeout)
+        except urllib.error.HTTPError as e:
+            try:
+                raise xmlrpc.client.ProtocolError(url, e.code, e.msg, e.headers) from None
+            finally:
+                e.close()
+        with resp:
+            return self.parse_response(resp)
+
+
+def _d_rpc_divide(a, b):
+    return a / b
+
+
+@contextlib.contextmanager
+def _d_rpc_server(bind):
+    server = xmlrpc.server.SimpleXMLRPCServer(("127.0.0.1", 0), bind_and_activate=bind,
+                                              logRequests=False, allow_none=True)
+    server.register_introspection_functions()
+    server.register_multicall_functions()
+    server.register_function(pow)
+    server.register_function(_d_rpc_divide, "divide")
+    server.register_function(lambda *xs: list(reversed(xs)), "reverse")
+    # xmlrpc marshals exact types only: a Source travels as its str value
+    server.register_function(lambda: ib.current_source() and str(ib.current_source()), "source")
+    if not bind:
+        try:
+            yield server
+        finally:
+            server.server_close()
+        return
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _d_rpc_session(proxy):
+    out = [proxy.pow(2, 10), proxy.reverse(1, "two", [3.0], {"k": None}, True),
+           proxy.divide(7, 2), sorted(proxy.system.listMethods()),
+           proxy.reverse(xmlrpc.client.Binary(b"\x00\xff"), "caf\u00e9")]
+    multi = xmlrpc.client.MultiCall(proxy)
+    multi.pow(3, 3)
+    multi.divide(1, 4)
+    out.append(list(multi()))
+    with pytest.raises(xmlrpc.client.Fault) as info:
+        proxy.divide(1, 0)
+    out.append((info.value.faultCode, info.value.faultString))
+    with pytest.raises(xmlrpc.client.Fault) as info:
+        proxy.no_such_method()
+    out.append(info.value.faultString)
+    return out
+
+
+def test_xmlrpc_round_trip_matches_loopback(d_timeout):
+    with _d_rpc_server(bind=True) as net_server:
+        port = net_server.server_address[1]
+        with xmlrpc.client.ServerProxy("http://127.0.0.1:%d/RPC2" % port,
+                                       allow_none=True) as proxy:
+            expected = _d_rpc_session(proxy)
+    with _d_rpc_server(bind=False) as server:
+        handler = ib.InProcHandler()
+        handler.mount("rpc", xmlrpc.server.SimpleXMLRPCRequestHandler, server=server)
+        opener = urllib.request.build_opener(handler)
+        transport = _DOpenerTransport(opener, "inproc", timeout=d_timeout)
+        with xmlrpc.client.ServerProxy("http://rpc/RPC2", transport=transport,
+                                       allow_none=True) as proxy:
+            got = _d_rpc_session(proxy)
+            assert proxy.source() is None
+    assert got == expected
+    assert expected[0] == 1024 and expected[2] == 3.5
+
+
+def test_xmlrpc_over_interception_with_source():
+    with _d_rpc_server(bind=False) as server:
+        factory = ib.OpenerFactory(intercept_http=True)
+        factory.mount("rpc.internal", xmlrpc.server.SimpleXMLRPCRequestHandler, server=server)
+        fell = []
+        opener = factory.opener_for(_DFallThroughHTTP(fell), source=ib.SOURCE_AGENTS)
+        transport = _DOpenerTransport(opener, "http", timeout=5)
+        with xmlrpc.client.ServerProxy("http://rpc.internal/RPC2", transport=transport,
+                                       allow_none=True) as proxy:
+            assert proxy.pow(3, 4) == 81
+            assert proxy.source() == "agents"
+        with xmlrpc.client.ServerProxy("http://rpc.internal/not-rpc", transport=transport) as bad:
+            with pytest.raises(xmlrpc.client.ProtocolError) as info:
+                bad.pow(1, 1)
+        assert info.value.errcode == 404
+    assert fell == []
