@@ -45,6 +45,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+import weakref
 from typing import (
     Any,
     Callable,
@@ -75,6 +76,8 @@ __all__ = [
     "SOURCE_AGENTS",
     # the body pipe
     "BodyPipe",
+    # marks an ASGI app that detection would take for WSGI
+    "ASGIApp",
 ]
 
 _log = logging.getLogger(__name__)
@@ -1124,18 +1127,779 @@ def _http_date() -> str:
 
 
 # ---------------------------------------------------------------------------
+# Server side: ASGI
+# ---------------------------------------------------------------------------
+#
+# An ASGI 3 app runs on an event loop its bridge owns: one daemon thread per
+# InProcHandler (an OpenerFactory's openers share the factory's), started on
+# first use and stopped by close(), when the bridge is garbage-collected, or
+# at interpreter exit.  The caller's thread never runs the loop: it hands the
+# request over (call_soon_threadsafe, in a copy of its context), feeds a
+# streamed request body, and waits for the head on the response BodyPipe as
+# on the WSGI worker path.  The loop never blocks on a pipe: it uses
+# _LoopQueue's try_push/try_pull and sleeps on a future that the thread at
+# the other end resolves.  asyncio is imported on first use (and inspect on
+# the first mount of a callable), so that importing this module stays cheap.
+
+#: Seconds an ASGI app gets to finish its lifespan startup (``mount`` raises
+#: ``BridgeError`` after that) or its lifespan shutdown (``unmount`` and
+#: ``close`` go on after that).
+LIFESPAN_TIMEOUT = 60.0
+
+#: Seconds ``close()`` gives the ASGI requests and tasks it cancels to end.
+ASGI_CLOSE_GRACE = 5.0
+
+# Request body bytes one http.request message carries at most.
+_RECEIVE_LIMIT = 1 << 16
+
+
+class ASGIApp:
+    """Marks ``app`` as an ASGI 3 application where detection would take it
+    for a WSGI one -- a plain function that returns a coroutine, or a wrapper
+    whose ``__call__`` is not ``async def``::
+
+        handler.mount("api", inproc_bridge.ASGIApp(wrapped_app))
+
+    It works wherever an app is accepted (``mount`` and the ``apps``
+    mappings).  ``lifespan=False`` skips the lifespan protocol for this app.
+    An ``ASGIApp`` is itself an ASGI 3 app that awaits the one it wraps."""
+
+    __slots__ = ("app", "lifespan")
+
+    def __init__(self, app: Callable[..., Any], *, lifespan: bool = True) -> None:
+        if not callable(app):
+            raise TypeError("ASGIApp wants an ASGI 3 callable, not %r" % (app,))
+        self.app = app
+        self.lifespan = lifespan
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable[..., Any],
+                       send: Callable[..., Any]) -> None:
+        await self.app(scope, receive, send)
+
+    def __repr__(self) -> str:
+        return "ASGIApp(%r%s)" % (self.app, "" if self.lifespan else ", lifespan=False")
+
+
+def _is_asgi(app: Any) -> bool:
+    """How ``mount`` recognises an ASGI 3 app: an ``ASGIApp``; a coroutine
+    function; an object whose ``__call__`` is one (Starlette, FastAPI,
+    Django's ASGIHandler, most middleware) -- seen through
+    ``functools.partial``.  A class never is (ASGI 2's double callable is not
+    supported); anything else callable is taken for WSGI."""
+    if isinstance(app, ASGIApp):
+        return True
+    while isinstance(app, functools.partial):
+        app = app.func
+    if isinstance(app, type):
+        return False
+    import inspect
+
+    # asgiref's markcoroutinefunction before Python 3.12 sets this marker.
+    marker = getattr(sys.modules.get("asyncio.coroutines"), "_is_coroutine", None)
+    funcs = [app, app.__call__] if callable(app) else []
+    return any(
+        inspect.iscoroutinefunction(func)
+        or (marker is not None and getattr(func, "_is_coroutine", None) is marker)
+        for func in funcs
+    )
+
+
+def _settle(future: Any, value: Any = None) -> None:
+    if future is not None and not future.done():
+        future.set_result(value)
+
+
+def _threadsafe(loop: Any, func: Callable[..., Any], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(func, *args)
+    except RuntimeError:
+        pass  # the loop is closed: nobody is left waiting
+
+
+class _LoopQueue(_ChunkQueue):
+    """A ``_ChunkQueue`` with a non-blocking end for the event loop:
+    ``try_push`` and ``try_pull`` never wait.  When they cannot go on they
+    leave ``wake``, which the thread at the other end calls (outside the
+    lock) after its next pull, push or close."""
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self.wake: Optional[Callable[[], None]] = None
+
+    def _poke(self) -> None:
+        if self.wake is not None:
+            with self.mutex:
+                wake, self.wake = self.wake, None
+            if wake is not None:
+                wake()
+
+    def push(self, item: Any, timeout: Optional[float], bounded: bool = True) -> None:
+        super().push(item, timeout, bounded)
+        self._poke()
+
+    def pull(self, limit: int, timeout: Optional[float]) -> List[Any]:
+        items = super().pull(limit, timeout)
+        self._poke()
+        return items
+
+    def drop_reader(self) -> None:
+        super().drop_reader()
+        self._poke()
+
+    def try_push(self, item: bytes, wake: Optional[Callable[[], None]]) -> bool:
+        """Queue ``item`` unless the queue is full; ``BrokenPipeError`` once
+        the reader has closed."""
+        with self.mutex:
+            if self.reader_gone:
+                raise BrokenPipeError(errno.EPIPE, "the reading end of the pipe is closed")
+            if self.level >= self.maxsize:
+                self.wake = wake
+                return False
+            self._put(item)
+            self.not_empty.notify()
+            return True
+
+    def try_pull(self, limit: int, wake: Optional[Callable[[], None]]) -> Optional[List[Any]]:
+        """What ``pull`` would return, or ``None`` when nothing is queued."""
+        with self.mutex:
+            if not self.queue:
+                self.wake = wake
+                return None
+            items = [self._get()]
+            taken = len(items[0]) if type(items[0]) is bytes else 0
+            while self.queue and taken < limit:
+                item = self._get()
+                items.append(item)
+                if type(item) is not bytes:
+                    break
+                taken += len(item)
+            self.not_full.notify()
+            return items
+
+
+def _loop_pipe(**kwargs: Any) -> BodyPipe:
+    pipe = BodyPipe(**kwargs)
+    pipe._queue = _LoopQueue(PIPE_LIMIT)
+    return pipe
+
+
+class _ASGICall:
+    """One request to an ASGI app: its scope, ``receive`` and ``send``, run
+    as a task on the bridge's loop.  The response flows through ``pipe``
+    (head first, then the body) as on the WSGI worker path; a streamed
+    request body comes in through ``inbox``, fed by the caller's thread."""
+
+    def __init__(self, site: _Site, exchange: _Exchange, scope: Dict[str, Any], method: str,
+                 timeout: Optional[float], owner: Any) -> None:
+        self.site = site
+        self.exchange = exchange
+        self.scope = scope
+        # The bridge's mounts: while a request lives, their finalizer (which
+        # closes the loop) must not run, even if the opener was a temporary.
+        self.owner = owner
+        self.loop: Any = None
+        self.pipe = _loop_pipe(read_timeout=timeout)
+        self.pipe._on_close = self.client_left
+        self.body: Optional[bytes] = b""  # a body given whole, until received
+        self.inbox: Optional[BodyPipe] = None  # a file or iterable body
+        self.body_error: Optional[BaseException] = None  # set by _RequestBody
+        self.no_body = method == "HEAD"
+        self.started = self.finished = self.gone = False
+        self.length: Optional[int] = None
+        self.sent = 0
+        self._waiter: Any = None  # the future receive() sleeps on
+
+    # -- the caller's side (any thread) ---------------------------------------
+
+    def client_left(self) -> None:
+        """The response was closed, dropped or timed out on."""
+        self.exchange.leave()
+        if self.loop is not None:
+            _threadsafe(self.loop, self._left)
+
+    # -- the loop's side ------------------------------------------------------
+
+    def _left(self) -> None:
+        self.gone = True
+        _settle(self._waiter)
+
+    def refuse(self) -> None:
+        """The bridge closed before this request started."""
+        if self.inbox is not None:
+            self.inbox.close()
+        self.pipe.close_writer(http.client.RemoteDisconnected("the in-process bridge was closed"))
+
+    async def run(self) -> None:
+        import asyncio
+
+        exchange = self.exchange
+        try:
+            await self.site.app(self.scope, self.receive, self.send)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit too: the process must survive
+            self._failed(exc, isinstance(exc, asyncio.CancelledError) and self.site.runner.closing)
+        else:
+            if exchange.gone and not self.finished:
+                # It saw http.disconnect (or its caller timed out) and
+                # stopped: the normal end of a stream nobody reads any more.
+                self.pipe.close_writer()
+            elif not self.started:
+                self._failed(RuntimeError("the ASGI app returned without sending "
+                                          "http.response.start"), False)
+            elif not self.finished:
+                self._failed(RuntimeError("the ASGI app returned without completing its "
+                                          "response (more_body=False)"), False)
+        finally:
+            if self.inbox is not None:
+                # Request bytes nobody will read are dropped, as a socket's
+                # buffer would swallow them, so a caller still sending is freed.
+                self.inbox.close()
+
+    def _failed(self, exc: BaseException, closing: bool) -> None:
+        exchange, pipe = self.exchange, self.pipe
+        if closing:
+            # close() cancelled the task: the connection drops, as at a
+            # server's shutdown.
+            pipe.close_writer(
+                _failure(exchange.name, "as its bridge closed", exc) if self.started
+                else http.client.RemoteDisconnected("the in-process bridge was closed"))
+        elif self.finished:
+            _log_app_error(exchange, "after its response ended", exc)
+        elif self.started:
+            _log_app_error(exchange, "after its response started", exc)
+            pipe.close_writer(_failure(exchange.name, "after its response started", exc))
+        else:
+            _log_app_error(exchange, "before responding", exc)
+            self.started = self.finished = True
+            head = (500, "Internal Server Error",
+                    [("Content-Type", "text/plain"), ("Content-Length", str(len(_ERROR_BODY))),
+                     ("Date", _http_date())], _ERROR_BODY)
+            try:
+                pipe._put_head(head)
+            except BrokenPipeError:
+                return  # the caller is gone; nobody is left to tell
+            pipe.close_writer()
+
+    async def _sleep(self, future: Any) -> None:
+        self._waiter = future
+        try:
+            await future
+        finally:
+            self._waiter = None
+
+    async def receive(self) -> Dict[str, Any]:
+        if not (self.gone or self.finished):
+            if self.body is not None:
+                body, self.body = self.body, None
+                return {"type": "http.request", "body": body, "more_body": False}
+            if self.inbox is not None:
+                message = await self._receive_chunk()
+                if message is not None:
+                    return message
+            # The body is all in: the next event is the client leaving (or,
+            # as uvicorn has it, the response being complete).
+            while not (self.gone or self.finished):
+                await self._sleep(self.loop.create_future())
+        return {"type": "http.disconnect"}
+
+    async def _receive_chunk(self) -> Optional[Dict[str, Any]]:
+        inbox, loop = self.inbox, self.loop
+        assert inbox is not None  # checked by the caller
+        queue: _LoopQueue = inbox._queue  # type: ignore[assignment]
+        while not (self.gone or self.finished):
+            future = loop.create_future()
+            items = queue.try_pull(_RECEIVE_LIMIT, functools.partial(_threadsafe, loop, _settle,
+                                                                     future))
+            if items is None:
+                await self._sleep(future)
+                continue
+            body = b"".join(item for item in items if type(item) is bytes)
+            end = items[-1]
+            if type(end) is bytes:
+                return {"type": "http.request", "body": body, "more_body": True}
+            self.inbox = None
+            inbox.close()
+            if end.error is not None:
+                return None  # the caller's body failed: the caller is gone
+            return {"type": "http.request", "body": body, "more_body": False}
+        return None
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            if not self.started:
+                raise RuntimeError("ASGI app sent http.response.body before http.response.start")
+            if self.finished:
+                raise RuntimeError("ASGI app sent http.response.body after its response ended")
+            body = message.get("body", b"")
+            if type(body) is not bytes:
+                if not isinstance(body, (bytearray, memoryview)):
+                    raise TypeError("ASGI response body must be bytes, not %s"
+                                    % type(body).__name__)
+                body = bytes(body)
+            if body and not self.no_body:
+                if self.length is not None:
+                    self.sent += len(body)
+                    if self.sent > self.length:
+                        raise RuntimeError("ASGI app sent more than its Content-Length")
+                await self._push(body)
+            if not message.get("more_body", False):
+                self.finished = True
+                self.pipe.close_writer()
+                _settle(self._waiter)
+        elif kind == "http.response.start":
+            if self.started:
+                raise RuntimeError("ASGI app sent http.response.start twice")
+            self.pipe._put_head(self._head(message))  # BrokenPipeError once the caller left
+            self.started = True
+        else:
+            raise ValueError("unexpected ASGI message type %r in an http scope" % (kind,))
+
+    def _head(self, message: Mapping[str, Any]) -> _Head:
+        status = message["status"]
+        if type(status) is not int or not 100 <= status <= 999:
+            raise ValueError("bad ASGI status %r: want an int like 200" % (status,))
+        headers: List[Tuple[str, str]] = []
+        names = set()
+        for pair in message.get("headers", ()):
+            name, value = pair
+            if not (isinstance(name, (bytes, bytearray))
+                    and isinstance(value, (bytes, bytearray))):
+                raise TypeError("ASGI response header %r: name and value must be bytes" % (pair,))
+            name, value = bytes(name).decode("latin-1"), bytes(value).decode("latin-1")
+            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+                raise ValueError("invalid ASGI response header %r" % (pair,))
+            lower = name.lower()
+            names.add(lower)
+            if lower == "content-length" and value.strip().isdigit():
+                self.length = int(value)
+            headers.append((name, value))
+        if "date" not in names:
+            headers.append(("Date", _http_date()))  # as uvicorn and wsgiref add it
+        if status in (204, 304) or status < 200:
+            self.no_body = True
+        try:
+            reason = http.HTTPStatus(status).phrase
+        except ValueError:
+            reason = ""
+        return (status, reason, headers, b"")
+
+    async def _push(self, data: bytes) -> None:
+        """Queue ``data`` for the caller; while the pipe is full, sleep until
+        the reader drains it -- other requests on the loop go on."""
+        queue: _LoopQueue = self.pipe._queue  # type: ignore[assignment]
+        if queue.try_push(data, None):
+            return
+        loop = self.loop
+        while True:
+            future = loop.create_future()
+            if queue.try_push(data, functools.partial(_threadsafe, loop, _settle, future)):
+                return
+            await future
+
+
+class _Site:
+    """An ASGI app mounted on a bridge (under one name or several) and its
+    lifespan: startup on the first mount, shutdown on the last unmount or at
+    close.  The lifespan task runs in an empty context, not a caller's."""
+
+    def __init__(self, runner: _ASGILoop, app: Any, name: str) -> None:
+        self.runner = runner
+        self.app = app
+        self.name = name
+        self.refs = 0
+        self.starting: Any = None  # concurrent future of startup(); None without lifespan
+        self.state: Optional[Dict[str, Any]] = None  # set by a completed startup
+        self._task: Any = None
+        self._started: Any = None  # loop futures
+        self._stop: Any = None
+        self._stopped: Any = None
+        self._got_startup = False
+        self._supported = False
+
+    async def startup(self) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        self._started = loop.create_future()
+        self._stop = loop.create_future()
+        self._stopped = loop.create_future()
+        state: Dict[str, Any] = {}
+        self._task = contextvars.Context().run(loop.create_task, self._lifespan(state))
+        try:
+            failure = await asyncio.wait_for(asyncio.shield(self._started), LIFESPAN_TIMEOUT)
+        except asyncio.TimeoutError:
+            self._task.cancel()
+            raise BridgeError("in-process app %r did not finish its lifespan startup within "
+                              "%s seconds (if it does not speak lifespan, mount "
+                              "ASGIApp(app, lifespan=False))" % (self.name, LIFESPAN_TIMEOUT)
+                              ) from None
+        if failure is not None:
+            self._task.cancel()
+            raise BridgeError("lifespan startup of in-process app %r failed: %s"
+                              % (self.name, failure))
+        if self._supported:
+            self.state = state  # each request's scope gets a copy
+
+    async def _lifespan(self, state: Dict[str, Any]) -> None:
+        import asyncio
+
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"},
+                 "state": state}
+        try:
+            await self.app(scope, self._receive, self._send)
+        except asyncio.CancelledError:
+            pass  # startup failed or timed out, or the bridge closed
+        except BaseException as exc:  # noqa: BLE001
+            if not self._started.done():
+                # The ASGI spec: an app that raises on the lifespan scope does
+                # not support it; it is served without.
+                if self._got_startup:
+                    _log.warning("in-process app %r raised during its lifespan startup; it is "
+                                 "served without lifespan", self.name,
+                                 exc_info=(type(exc), exc, exc.__traceback__))
+                else:
+                    _log.debug("in-process app %r does not support lifespan: %r", self.name, exc)
+            elif self._started.result() is not None:
+                pass  # a failed startup: mount() raised with its message
+            elif self._stop.done() and not self._stopped.done():
+                _log.error("in-process app %r raised during its lifespan shutdown", self.name,
+                           exc_info=(type(exc), exc, exc.__traceback__))
+            else:
+                _log.error("in-process app %r: its lifespan task raised", self.name,
+                           exc_info=(type(exc), exc, exc.__traceback__))
+        finally:
+            _settle(self._started)
+            _settle(self._stopped)
+
+    async def _receive(self) -> Dict[str, Any]:
+        import asyncio
+
+        if not self._got_startup:
+            self._got_startup = True
+            return {"type": "lifespan.startup"}
+        await asyncio.shield(self._stop)
+        return {"type": "lifespan.shutdown"}
+
+    async def _send(self, message: Mapping[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "lifespan.startup.complete":
+            self._supported = True
+            _settle(self._started)
+        elif kind == "lifespan.startup.failed":
+            _settle(self._started, message.get("message") or "lifespan.startup.failed")
+        elif kind == "lifespan.shutdown.complete":
+            _settle(self._stopped)
+        elif kind == "lifespan.shutdown.failed":
+            _log.error("lifespan shutdown of in-process app %r failed: %s", self.name,
+                       message.get("message", ""))
+            _settle(self._stopped)
+        else:
+            raise ValueError("unexpected ASGI message type %r in a lifespan scope" % (kind,))
+
+    async def shutdown(self) -> None:
+        import asyncio
+
+        task = self._task
+        if task is None or task.done():
+            return
+        _settle(self._stop)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._stopped), LIFESPAN_TIMEOUT)
+        except asyncio.TimeoutError:
+            _log.warning("in-process app %r did not finish its lifespan shutdown within %s "
+                         "seconds", self.name, LIFESPAN_TIMEOUT)
+            task.cancel()
+
+
+class _ASGILoop:
+    """The event loop a bridge runs its ASGI apps on, in a daemon thread
+    started on first use.  ``close()`` (idempotent) cancels the requests
+    still running, shuts the lifespans down, stops the loop and joins the
+    thread; a ``weakref.finalize`` on the bridge's mounts calls it when they
+    are collected or at interpreter exit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.loop: Any = None
+        self.thread: Optional[threading.Thread] = None
+        self.closed = False  # close() was called: no new work
+        self.closing = False  # loop side: the shutdown has begun
+        self.sites: Dict[int, _Site] = {}  # id(mounted app) -> its site
+        self.tasks: Any = set()  # loop side: the requests running
+        self.finalizer: Any = None  # set by _asgi_runner; calls close() once
+
+    def on_loop(self) -> bool:
+        thread = self.thread
+        return thread is not None and thread.ident == threading.get_ident()
+
+    def _start(self) -> Any:
+        # With self._lock held.
+        if self.closed:
+            raise BridgeError("this in-process bridge is closed: it runs no ASGI app any more")
+        if self.loop is None:
+            import asyncio
+
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=self._main, args=(loop,),
+                                      name="inproc_bridge-asgi", daemon=True)
+            thread.start()
+            self.loop, self.thread = loop, thread
+        return self.loop
+
+    @staticmethod
+    def _main(loop: Any) -> None:
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    def submit(self, call: _ASGICall, ctx: contextvars.Context) -> None:
+        with self._lock:  # so close() queues its shutdown after this
+            loop = call.loop = self._start()
+            # The handle runs in ctx, and the task it makes copies ctx: the
+            # same on 3.8 to 3.13 (create_task's context= is 3.11+ only).
+            loop.call_soon_threadsafe(self._spawn, call, context=ctx)
+
+    def _spawn(self, call: _ASGICall) -> None:
+        if self.closing:
+            call.refuse()
+            return
+        task = self.loop.create_task(call.run())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def attach(self, app: Any, name: str) -> _Site:
+        """The site for a newly mounted ``app``; its lifespan startup runs
+        on the first mount and ``BridgeError`` says it failed."""
+        import asyncio
+        import concurrent.futures
+
+        with self._lock:
+            if self.closed:
+                raise BridgeError("this in-process bridge is closed: it runs no ASGI app any more")
+            site = self.sites.get(id(app))
+            if site is None:
+                site = _Site(self, app, name)
+                if not (isinstance(app, ASGIApp) and not app.lifespan):
+                    if self.on_loop():
+                        raise BridgeError("cannot mount ASGI app %r from its bridge's own event "
+                                          "loop: its lifespan startup would deadlock" % (name,))
+                    site.starting = asyncio.run_coroutine_threadsafe(site.startup(), self._start())
+                self.sites[id(app)] = site
+            site.refs += 1
+        starting = site.starting
+        if starting is not None:
+            try:
+                if self.on_loop() and not starting.done():
+                    raise BridgeError("cannot mount ASGI app %r from its bridge's own event loop "
+                                      "while its lifespan starts" % (name,))
+                starting.result(LIFESPAN_TIMEOUT + ASGI_CLOSE_GRACE)
+            except BaseException as exc:
+                with self._lock:
+                    site.refs -= 1
+                    if self.sites.get(id(app)) is site:
+                        del self.sites[id(app)]  # a later mount tries again
+                if isinstance(exc, BridgeError):
+                    raise
+                if isinstance(exc, concurrent.futures.CancelledError):
+                    raise BridgeError("the in-process bridge was closed while ASGI app %r "
+                                      "started" % (name,)) from None
+                if isinstance(exc, concurrent.futures.TimeoutError):
+                    raise BridgeError("the lifespan startup of ASGI app %r did not "
+                                      "complete" % (name,)) from None
+                raise BridgeError("the lifespan startup of ASGI app %r failed: %r"
+                                  % (name, exc)) from exc
+        return site
+
+    def detach(self, site: _Site) -> None:
+        """``site`` lost a mount; the last one runs its lifespan shutdown."""
+        import asyncio
+
+        with self._lock:
+            site.refs -= 1
+            if site.refs > 0 or self.sites.get(id(site.app)) is not site:
+                return
+            del self.sites[id(site.app)]
+            if self.closed or site.starting is None:
+                return
+            done = asyncio.run_coroutine_threadsafe(site.shutdown(), self.loop)
+        if self.on_loop():
+            return  # it runs once the caller yields
+        try:
+            done.result(LIFESPAN_TIMEOUT + ASGI_CLOSE_GRACE)
+        except BaseException as exc:  # noqa: BLE001 - the app is unmounted all the same
+            _log.warning("lifespan shutdown of in-process app %r: %r", site.name, exc)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            loop, thread = self.loop, self.thread
+            if loop is None or thread is None:
+                return
+            import asyncio
+
+            asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+        if thread.ident == threading.get_ident():
+            return  # called on the loop (a finalizer, an app): the shutdown runs on its own
+        thread.join(LIFESPAN_TIMEOUT + 3 * ASGI_CLOSE_GRACE)
+        if thread.is_alive():
+            _log.warning("the ASGI event loop of an in-process bridge did not stop in time")
+
+    async def _shutdown(self) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        self.closing = True
+        try:
+            # Requests first, as a server drains its connections before the
+            # lifespan shutdown; then the lifespans; then what is left.
+            requests = list(self.tasks)
+            for task in requests:
+                task.cancel()
+            if requests:
+                await asyncio.wait(requests, timeout=ASGI_CLOSE_GRACE)
+            with self._lock:
+                sites = [site for site in self.sites.values() if site.starting is not None]
+                self.sites.clear()
+            if sites:
+                await asyncio.gather(*(site.shutdown() for site in sites), return_exceptions=True)
+            current = asyncio.current_task()
+            rest = [task for task in asyncio.all_tasks() if task is not current]
+            for task in rest:
+                task.cancel()
+            if rest:
+                await asyncio.wait(rest, timeout=ASGI_CLOSE_GRACE)
+            await loop.shutdown_asyncgens()
+        finally:
+            loop.call_soon(loop.stop)
+
+
+def _asgi_runner(mounts: _Mounts) -> _ASGILoop:
+    runner = mounts._asgi
+    if runner is None:
+        with mounts._lock:
+            runner = mounts._asgi
+            if runner is None:
+                runner = mounts._asgi = _ASGILoop()
+                runner.finalizer = weakref.finalize(mounts, runner.close)
+    return runner  # type: ignore[no-any-return]
+
+
+def _asgi_scope(req: urllib.request.Request, exchange: _Exchange, site: _Site) -> Dict[str, Any]:
+    """An ASGI HTTP scope built as a server would from what urllib sends."""
+    selector = req.selector or "/"
+    method = req.get_method()
+    _check_request_line(method, selector)
+    raw_path, _, query = selector.encode("ascii").partition(b"?")
+    headers = _wire_headers(req)
+    host, port = _split_host(req.host)
+    scheme = "https" if req.type == "https" else "http"
+    scope: Dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": scheme,
+        "path": urllib.parse.unquote(raw_path.decode("ascii")),
+        "raw_path": raw_path,
+        "query_string": query,
+        "root_path": "",
+        "headers": [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                    for name, value in headers],
+        "client": CLIENT_ADDRESS,
+        "server": (host.strip("[]"), port or _DEFAULT_PORTS[scheme]),
+        "extensions": {"inproc": {"source": exchange.source, "actor": exchange.actor}},
+    }
+    if site.state is not None:
+        scope["state"] = dict(site.state)
+    return scope
+
+
+def _feed(call: _ASGICall, body: _RequestBody) -> None:
+    """Send a file or iterable request body to the app's ``receive()`` from
+    the caller's thread, as http.client sends one: before the response is
+    read, held back while the app does not read."""
+    inbox = call.inbox
+    assert inbox is not None  # set with body
+    view = memoryview(bytearray(_RECEIVE_LIMIT))
+    try:
+        while True:
+            n = body.readinto(view)
+            if not n:
+                break
+            inbox.write(view[:n])
+    except BrokenPipeError:
+        return  # the app finished without reading it all: dropped, as TCP would
+    except BaseException:
+        inbox.close_writer(ConnectionAbortedError(errno.ECONNABORTED, "the caller's body failed"))
+        if call.body_error is not None:
+            raise call.body_error from None
+        raise
+    inbox.close_writer()
+
+
+def _serve_asgi(bridge: InProcHandler, req: urllib.request.Request, entry: _Entry,
+                exchange: _Exchange, ctx: contextvars.Context) -> _Response:
+    site: _Site = entry.asgi
+    runner = site.runner
+    if runner.on_loop():
+        raise BridgeError(
+            "a blocking in-process call to ASGI app %r from its own event loop would deadlock: "
+            "make it from another thread (loop.run_in_executor)" % (entry.name,))
+    method = req.get_method()
+    scope = _asgi_scope(req, exchange, site)
+    timeout = _effective_timeout(getattr(req, "timeout", None))
+    call = _ASGICall(site, exchange, scope, method, timeout, bridge._mounts)
+    data = req.data
+    body: Optional[_RequestBody] = None
+    if data is None:
+        pass
+    elif isinstance(data, str):
+        raise TypeError(
+            "POST data should be bytes, an iterable of bytes, or a file object. "
+            "It cannot be of type str."
+        )
+    elif hasattr(data, "read") or not isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            body = _RequestBody(data, call)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(
+                "data should be a bytes-like object or an iterable, got %r" % type(data)
+            ) from None
+        call.body = None
+        call.inbox = _loop_pipe(write_timeout=timeout)
+    else:
+        call.body = bytes(data)
+    runner.submit(call, ctx)
+    pipe = call.pipe
+    try:
+        if body is not None:
+            _feed(call, body)
+        head = pipe._take_head()
+    except BaseException:
+        pipe.close()
+        raise
+    if head[3]:
+        pipe._chunk = memoryview(head[3])
+    return _build_response(head, io.BufferedReader(pipe), req)
+
+
+# ---------------------------------------------------------------------------
 # The dispatcher: mounts, requests, responses
 # ---------------------------------------------------------------------------
 
 
 class _Entry:
-    __slots__ = ("name", "app", "kind", "server")
+    __slots__ = ("name", "app", "kind", "server", "asgi")
 
     def __init__(self, name: str, app: Any, kind: str, server: Any) -> None:
         self.name = name
         self.app = app
         self.kind = kind
         self.server = server
+        self.asgi: Any = None  # an ASGI app's _Site on its bridge's loop
 
 
 def _app_kind(app: Any) -> str:
@@ -1144,11 +1908,13 @@ def _app_kind(app: Any) -> str:
         target = target.func
     if isinstance(target, type) and issubclass(target, socketserver.BaseRequestHandler):
         return "handler"
+    if _is_asgi(app):  # before WSGI: both are callables
+        return "asgi"
     if callable(app):
         return "wsgi"
     raise TypeError(
-        "cannot mount %r: want a BaseHTTPRequestHandler subclass (or a partial of one) "
-        "or a WSGI callable" % (app,)
+        "cannot mount %r: want a BaseHTTPRequestHandler subclass (or a partial of one), "
+        "a WSGI callable or an ASGI 3 app" % (app,)
     )
 
 
@@ -1177,6 +1943,7 @@ class _Mounts:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.table: Dict[Tuple[str, Optional[int]], _Entry] = {}
+        self._asgi: Any = None  # the _ASGILoop, made on first ASGI mount
 
     def add(self, name: str, app: Any, server: Any = None) -> None:
         if not isinstance(name, str):
@@ -1186,10 +1953,15 @@ class _Mounts:
         if server is None and kind == "handler":
             server = _StubServer(key[0], key[1] or 80)
         entry = _Entry(name, app, kind, server)
+        if kind == "asgi":  # lifespan startup; BridgeError if it fails
+            entry.asgi = _asgi_runner(self).attach(app, name)
         with self._lock:
             table = dict(self.table)
+            old = table.get(key)
             table[key] = entry
             self.table = table
+        if old is not None and old.asgi is not None:  # the replaced app's lifespan shutdown
+            old.asgi.runner.detach(old.asgi)
 
     def remove(self, name: str) -> None:
         try:
@@ -1200,8 +1972,10 @@ class _Mounts:
             if key not in self.table:
                 raise KeyError(name)
             table = dict(self.table)
-            del table[key]
+            old = table.pop(key)
             self.table = table
+        if old.asgi is not None:  # lifespan shutdown once no name serves it
+            old.asgi.runner.detach(old.asgi)
 
     def find(self, host: str, scheme: str) -> Optional[_Entry]:
         name, port = _split_host(host)
@@ -1217,6 +1991,12 @@ class _Mounts:
 
     def __bool__(self) -> bool:
         return bool(self.table)
+
+    def close(self) -> None:
+        """Cancel the ASGI requests still running, run the lifespan
+        shutdown of the ASGI apps, stop the event-loop thread.  Idempotent;
+        ASGI apps can be neither mounted nor called afterwards."""
+        _asgi_runner(self).finalizer()  # runs close() once, then never again
 
 
 def _wire_headers(req: urllib.request.Request) -> List[Tuple[str, str]]:
@@ -1558,6 +2338,21 @@ class InProcHandler(urllib.request.BaseHandler):
         """Stop serving ``name``; ``KeyError`` if nothing is mounted there."""
         self._mounts.remove(name)
 
+    # -- ASGI: the event loop --------------------------------------------------
+
+    _owns_mounts = True  # False on the handlers OpenerFactory.opener_for makes
+
+    def close(self) -> None:
+        """Stop what this bridge runs for ASGI apps: cancel their requests
+        still running, run their lifespan shutdown, stop the event-loop
+        thread.  Idempotent; also done when the bridge is garbage-collected
+        and at interpreter exit.  Handler classes and WSGI apps own nothing
+        and go on serving; ASGI apps can be neither mounted nor called
+        afterwards (``BridgeError``).  On a handler of an ``OpenerFactory``
+        opener it does nothing: the factory's ``close()`` owns the loop."""
+        if self._owns_mounts:
+            self._mounts.close()
+
     # -- urllib entry points -----------------------------------------------
 
     def inproc_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
@@ -1677,6 +2472,8 @@ class InProcHandler(urllib.request.BaseHandler):
             run = _HandlerRun(entry, exchange, ctx, _effective_timeout(req.timeout))
             resp = cast(_Response, urllib.request.AbstractHTTPHandler.do_open(
                 self, _Connection, req, run=run))  # type: ignore[arg-type]
+        elif entry.kind == "asgi":
+            resp = _serve_asgi(self, req, entry, exchange, ctx)
         else:
             resp = self._serve_wsgi(req, entry, exchange, ctx)
         if resp.status >= 400:
@@ -1751,6 +2548,11 @@ class OpenerFactory:
         """Stop serving ``name``; ``KeyError`` if nothing is mounted there."""
         self._mounts.remove(name)
 
+    def close(self) -> None:
+        """Stop what the factory runs for ASGI apps, for all its openers: see
+        ``InProcHandler.close``."""
+        self._mounts.close()
+
     def opener_for(self, *handlers: Any, actor: Any = None,
                    source: Optional[str] = None) -> urllib.request.OpenerDirector:
         """A new opener whose in-process requests carry ``actor`` and
@@ -1760,6 +2562,7 @@ class OpenerFactory:
             raise BridgeError("nothing is mounted on this OpenerFactory; mount an app first")
         bridge = InProcHandler(source=source, actor=actor, intercept_http=self.intercept_http)
         bridge._mounts = self._mounts
+        bridge._owns_mounts = False  # the factory's close() owns the loop
         return urllib.request.build_opener(bridge, *handlers)
 
 

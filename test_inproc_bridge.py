@@ -1,5 +1,6 @@
 """Tests for inproc_bridge.  Run: python -m pytest -W error test_inproc_bridge.py"""
 
+import asyncio
 import base64
 import contextlib
 import contextvars
@@ -2713,3 +2714,906 @@ def test_xmlrpc_over_interception_with_source():
                 bad.pow(1, 1)
         assert info.value.errcode == 404
     assert fell == []
+
+
+# ---------------------------------------------------------------------------
+# ASGI apps
+# ---------------------------------------------------------------------------
+
+
+WAIT = 10.0  # seconds a test waits for an event that should come at once
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _a_opener(apps, **kwargs):
+    """An opener over a fresh InProcHandler, closed (loop stopped) after."""
+    handler = ib.InProcHandler(apps, **kwargs)
+    try:
+        yield urllib.request.build_opener(handler), handler
+    finally:
+        handler.close()
+
+
+def _a_settle(future):
+    if not future.done():
+        future.set_result(None)
+
+
+class _a_Baton:
+    """Lock-step between a test thread and an async app, without sleeps:
+    the app awaits ``take()``, the test calls ``give()``."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._tokens = 0
+        self._waiter = None
+
+    async def take(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                if self._tokens:
+                    self._tokens -= 1
+                    return
+                future = loop.create_future()
+                self._waiter = (loop, future)
+            await asyncio.wait_for(future, WAIT)
+
+    def give(self):
+        with self._lock:
+            self._tokens += 1
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter[0].call_soon_threadsafe(_a_settle, waiter[1])
+
+
+async def _a_read_body(receive):
+    messages = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return messages
+
+
+def _a_app(status=200, body=b"ok", headers=((b"content-type", b"text/plain"),), seen=None):
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            raise ValueError("http only")
+        if seen is not None:
+            seen.append(scope)
+        await _a_read_body(receive)
+        await send({"type": "http.response.start", "status": status, "headers": list(headers)})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+class _a_Lifespan:
+    """An app that speaks the lifespan protocol and records what happened."""
+
+    def __init__(self, fail=None):
+        self.fail = fail
+        self.events = []
+        self.shutdown = threading.Event()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            message = await receive()
+            self.events.append(message["type"])
+            if self.fail:
+                await send({"type": "lifespan.startup.failed", "message": self.fail})
+                return
+            scope["state"]["db"] = "connected"
+            await send({"type": "lifespan.startup.complete"})
+            message = await receive()
+            self.events.append(message["type"])
+            await send({"type": "lifespan.shutdown.complete"})
+            self.shutdown.set()
+            return
+        await _a_read_body(receive)
+        state = scope.get("state")
+        body = repr(sorted(state.items())).encode() if state is not None else b"no state"
+        if state is not None:
+            state["db"] = "changed by a request"  # a copy: the next request won't see it
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------
+# recognition
+# ---------------------------------------------------------------------------
+
+
+def test_asgi_recognised_and_marker():
+    async def coro_app(scope, receive, send):
+        pass
+
+    class Instance:
+        async def __call__(self, scope, receive, send):
+            pass
+
+    def wsgi_app(environ, start_response):
+        return []
+
+    def sync_wrapper(scope, receive, send):  # returns a coroutine: detection says WSGI
+        return coro_app(scope, receive, send)
+
+    assert ib._app_kind(coro_app) == "asgi"
+    assert ib._app_kind(Instance()) == "asgi"
+    assert ib._app_kind(functools.partial(coro_app)) == "asgi"
+    assert ib._app_kind(functools.partial(functools.partial(Instance()))) == "asgi"
+    assert ib._app_kind(wsgi_app) == "wsgi"
+    assert ib._app_kind(Instance) == "wsgi"  # a class is never ASGI 3
+    assert ib._app_kind(sync_wrapper) == "wsgi"
+    assert ib._app_kind(ib.ASGIApp(sync_wrapper)) == "asgi"
+    assert "ASGIApp" in ib.__all__
+    with pytest.raises(TypeError):
+        ib.ASGIApp(42)
+
+    seen = []
+    marked = ib.ASGIApp(functools.partial(lambda s, r, se: _a_app(seen=seen)(s, r, se)))
+    with _a_opener({"api": marked}) as (opener, _):
+        with opener.open("inproc://api/x", timeout=WAIT) as resp:
+            assert resp.read() == b"ok"
+    assert seen[0]["path"] == "/x"
+
+
+# ---------------------------------------------------------------------------
+# scope
+# ---------------------------------------------------------------------------
+
+
+def test_asgi_scope_as_a_server_builds_it():
+    seen = []
+    factory = ib.OpenerFactory({"api": _a_app(seen=seen)})
+    try:
+        opener = factory.opener_for(source=ib.SOURCE_AGENTS, actor="user-7")
+        req = urllib.request.Request(
+            "inproc://API/caf%C3%A9/a%2Fb?q=1&r=%20", data=b"hello",
+            headers={"X-Thing": "v1", "Content-Type": "text/plain"}, method="PUT")
+        with opener.open(req, timeout=WAIT) as resp:
+            assert resp.status == 200 and resp.reason == "OK"
+            assert resp.getheader("Content-Type") == "text/plain"
+            assert resp.getheader("Date")
+            assert resp.read() == b"ok"
+    finally:
+        factory.close()
+    scope = seen[0]
+    assert scope["type"] == "http"
+    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.3"}
+    assert scope["http_version"] == "1.1"
+    assert scope["method"] == "PUT"
+    assert scope["scheme"] == "http"
+    assert scope["path"] == "/café/a/b"
+    assert scope["raw_path"] == b"/caf%C3%A9/a%2Fb"
+    assert scope["query_string"] == b"q=1&r=%20"
+    assert scope["root_path"] == ""
+    headers = scope["headers"]
+    assert all(type(n) is bytes and type(v) is bytes and n == n.lower() for n, v in headers)
+    assert (b"x-thing", b"v1") in headers
+    assert (b"content-type", b"text/plain") in headers
+    assert (b"content-length", b"5") in headers
+    assert (b"host", b"API") in headers
+    assert any(n == b"user-agent" for n, _ in headers)
+    assert scope["client"] == ("127.0.0.1", 0)
+    assert scope["server"] == ("api", 80)
+    assert scope["extensions"]["inproc"] == {"source": "agents", "actor": "user-7"}
+    assert "state" not in scope  # no lifespan state
+
+
+def test_asgi_intercepted_https_scope():
+    seen = []
+    with _a_opener({"api.internal:8443": _a_app(seen=seen)}, intercept_http=True) as (opener, _):
+        with opener.open("https://api.internal:8443/v1", timeout=WAIT) as resp:
+            assert resp.read() == b"ok"
+    assert seen[0]["scheme"] == "https"
+    assert seen[0]["server"] == ("api.internal", 8443)
+
+
+def test_asgi_bad_urls_refused_before_the_app_runs():
+    seen = []
+    with _a_opener({"api": _a_app(seen=seen)}) as (opener, _):
+        with pytest.raises(http.client.InvalidURL):
+            opener.open("inproc://api/a\r\nb", timeout=WAIT)
+        with pytest.raises(UnicodeEncodeError):
+            opener.open("inproc://api/café", timeout=WAIT)
+        with pytest.raises(ValueError):
+            opener.open(urllib.request.Request("inproc://api/", headers={"X": "a\nb"}),
+                        timeout=WAIT)
+    assert seen == []
+
+
+# ---------------------------------------------------------------------------
+# streaming
+# ---------------------------------------------------------------------------
+
+
+def test_asgi_sse_lock_step_headers_first():
+    baton = _a_Baton()
+    done = threading.Event()
+
+    async def sse(scope, receive, send):
+        assert scope["type"] == "http"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(3):
+            await baton.take()
+            await send({"type": "http.response.body", "body": b"data: %d\n\n" % i,
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        done.set()
+
+    with _a_opener({"api": sse}) as (opener, _):
+        # open() returns while the app waits for the baton: the head came
+        # with http.response.start, before any body.
+        with opener.open("inproc://api/events", timeout=WAIT) as resp:
+            assert resp.getheader("Content-Type") == "text/event-stream"
+            for i in range(3):
+                baton.give()
+                assert resp.readline() == b"data: %d\n" % i
+                assert resp.readline() == b"\n"
+            assert resp.read() == b""
+        assert done.wait(WAIT)
+
+
+def test_asgi_endless_stream_caller_stops_reading():
+    record = {}
+    done = threading.Event()
+
+    async def endless(scope, receive, send):
+        assert scope["type"] == "http"
+        left = asyncio.Event()
+
+        async def listen():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            record["cancelled"] = ib.cancelled().is_set()
+            left.set()
+
+        listener = asyncio.ensure_future(listen())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            n = 0
+            while not left.is_set():
+                await send({"type": "http.response.body", "body": b"x" * 1000 + b"\n",
+                            "more_body": True})
+                n += 1
+        except OSError as exc:
+            record["send_error"] = exc
+        await listener  # the app learns the client left, the ASGI way
+        record["disconnect"] = True
+        done.set()
+
+    with _a_opener({"api": endless}) as (opener, _):
+        resp = opener.open("inproc://api/forever", timeout=WAIT)
+        for _ in range(5):
+            assert resp.readline() == b"x" * 1000 + b"\n"
+        resp.close()
+        assert done.wait(WAIT)
+    assert record["disconnect"] and record["cancelled"]
+
+
+def test_asgi_request_body_streams_in_several_messages():
+    got_first = threading.Event()
+    messages = []
+
+    async def echo(scope, receive, send):
+        assert scope["type"] == "http"
+        while True:
+            message = await receive()
+            messages.append(message)
+            got_first.set()
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body",
+                    "body": b"".join(m.get("body", b"") for m in messages)})
+
+    def body():
+        yield b"first,"
+        # The app has received the first chunk before the second exists.
+        assert got_first.wait(WAIT)
+        yield b"second,"
+        yield b"third"
+
+    with _a_opener({"api": echo}) as (opener, _):
+        with opener.open("inproc://api/upload", data=body(), timeout=WAIT) as resp:
+            assert resp.read() == b"first,second,third"
+        assert len(messages) >= 2
+        assert all(m["type"] == "http.request" for m in messages)
+        assert all(m["more_body"] for m in messages[:-1]) and not messages[-1]["more_body"]
+        assert messages[0]["body"] == b"first,"
+
+        messages.clear()
+        with opener.open("inproc://api/file", data=io.BytesIO(b"y" * 200000),
+                         timeout=WAIT) as resp:
+            assert resp.read() == b"y" * 200000
+
+
+def test_asgi_request_body_failure_reaches_the_caller():
+    record = {}
+    done = threading.Event()
+
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        record["messages"] = await _a_read_body(receive)
+        if record["messages"][-1]["type"] != "http.disconnect":
+            record["messages"].append(await receive())
+        done.set()
+
+    def body():
+        yield b"part"
+        raise KeyError("the caller's own bug")
+
+    with _a_opener({"api": app}) as (opener, _):
+        with pytest.raises(KeyError):
+            opener.open("inproc://api/", data=body(), timeout=WAIT)
+        assert done.wait(WAIT)
+    assert record["messages"][-1] == {"type": "http.disconnect"}
+
+
+def test_asgi_app_that_ignores_the_body_frees_the_caller():
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ignored it"})
+
+    big = (b"z" * 65536 for _ in range(64))  # 4 MiB: more than the pipe holds
+    with _a_opener({"api": app}) as (opener, _):
+        with opener.open("inproc://api/", data=big, timeout=WAIT) as resp:
+            assert resp.read() == b"ignored it"
+
+
+# ---------------------------------------------------------------------------
+# disconnect, timeouts, cancellation
+# ---------------------------------------------------------------------------
+
+
+def test_asgi_timeout_before_headers_disconnects_the_app():
+    record = {}
+    done = threading.Event()
+
+    async def slow(scope, receive, send):
+        assert scope["type"] == "http"
+        record["first"] = await receive()
+        record["second"] = await receive()  # waits until the caller gives up
+        record["cancelled"] = ib.cancelled().is_set()
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        except OSError as exc:
+            record["send_error"] = exc
+        done.set()
+
+    with _a_opener({"api": slow}) as (opener, _):
+        with pytest.raises(socket.timeout):
+            opener.open("inproc://api/", timeout=0.2)
+        assert done.wait(WAIT)
+    assert record["first"]["type"] == "http.request"
+    assert record["second"] == {"type": "http.disconnect"}
+    assert record["cancelled"] is True
+    assert isinstance(record["send_error"], BrokenPipeError)
+
+
+def test_asgi_timeout_between_chunks():
+    baton = _a_Baton()
+    record = {}
+    done = threading.Event()
+
+    async def stalls(scope, receive, send):
+        assert scope["type"] == "http"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first\n", "more_body": True})
+        await baton.take()
+        record["after"] = await receive()
+        done.set()
+
+    with _a_opener({"api": stalls}) as (opener, _):
+        with opener.open("inproc://api/", timeout=0.2) as resp:
+            assert resp.readline() == b"first\n"
+            with pytest.raises(socket.timeout):
+                resp.read(10)
+        baton.give()
+        assert done.wait(WAIT)
+    assert record["after"] == {"type": "http.disconnect"}
+
+
+def test_asgi_disconnect_once_the_response_is_complete():
+    record = {}
+    done = threading.Event()
+
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+        record["after"] = await receive()  # returns at once, as uvicorn's does
+        done.set()
+
+    with _a_opener({"api": app}) as (opener, _):
+        with opener.open("inproc://api/", timeout=WAIT) as resp:
+            assert done.wait(WAIT)
+            assert resp.read() == b"done"
+    assert record["after"] == {"type": "http.disconnect"}
+
+
+def test_asgi_backpressure_holds_a_fast_app_back():
+    record = {}
+    done = threading.Event()
+
+    async def fast(scope, receive, send):
+        assert scope["type"] == "http"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(64):
+            await send({"type": "http.response.body", "body": b"%063d\n" % i * 1024,
+                        "more_body": True})
+            record["sent"] = i
+        await send({"type": "http.response.body", "body": b""})
+        done.set()
+
+    with _a_opener({"api": fast}) as (opener, _):
+        with opener.open("inproc://api/", timeout=WAIT) as resp:
+            first = resp.read(64)
+            assert first == b"%063d\n" % 0
+            # 64 chunks of 64 KiB = 4 MiB; the pipe holds 1 MiB.
+            assert not done.is_set() and record["sent"] < 63
+            rest = resp.read()
+        assert len(first) + len(rest) == 64 * 64 * 1024
+        assert done.wait(WAIT)
+
+
+# ---------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------
+
+
+def test_asgi_error_before_start_is_a_logged_500(caplog):
+    async def broken(scope, receive, send):
+        assert scope["type"] == "http"
+        raise ZeroDivisionError("boom")
+
+    with caplog.at_level(logging.ERROR, logger="inproc_bridge"):
+        with _a_opener({"api": broken}, source="billing") as (opener, _):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                opener.open("inproc://api/", timeout=WAIT)
+            with info.value as err:
+                assert err.code == 500
+                assert err.read() == ib._ERROR_BODY
+    record = next(r for r in caplog.records if r.name == "inproc_bridge")
+    assert record.exc_info[0] is ZeroDivisionError
+    assert "billing" in record.getMessage()
+    assert record.inproc_source == "billing"
+
+
+def test_asgi_error_after_start_breaks_the_read(caplog):
+    async def broken(scope, receive, send):
+        assert scope["type"] == "http"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise ZeroDivisionError("mid-stream")
+
+    with caplog.at_level(logging.ERROR, logger="inproc_bridge"):
+        with _a_opener({"api": broken}) as (opener, _):
+            with opener.open("inproc://api/", timeout=WAIT) as resp:
+                with pytest.raises(OSError) as info:
+                    resp.read()
+    assert "ZeroDivisionError" in str(info.value)
+    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
+
+
+def test_asgi_no_response_is_a_500(caplog):
+    async def silent(scope, receive, send):
+        assert scope["type"] == "http"
+        return None
+
+    async def unfinished(scope, receive, send):
+        assert scope["type"] == "http"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"half", "more_body": True})
+
+    with caplog.at_level(logging.ERROR, logger="inproc_bridge"):
+        with _a_opener({"silent": silent, "unfinished": unfinished}) as (opener, _):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                opener.open("inproc://silent/", timeout=WAIT)
+            with info.value as err:
+                assert err.code == 500
+            with opener.open("inproc://unfinished/", timeout=WAIT) as resp:
+                with pytest.raises(OSError):
+                    resp.read()
+    messages = " ".join(r.getMessage() + str(r.exc_info[1]) for r in caplog.records
+                        if r.exc_info)
+    assert "http.response.start" in messages and "more_body" in messages
+
+
+def test_asgi_protocol_errors_in_send():
+    results = {}
+
+    def make(messages, key):
+        async def app(scope, receive, send):
+            assert scope["type"] == "http"
+            try:
+                for message in messages:
+                    await send(message)
+            except Exception as exc:
+                results[key] = exc
+                raise
+
+        return app
+
+    start = {"type": "http.response.start", "status": 200,
+             "headers": [(b"content-length", b"3")]}
+    apps = {
+        "body-first": make([{"type": "http.response.body", "body": b"x"}], "body-first"),
+        "bad-header": make([{"type": "http.response.start", "status": 200,
+                             "headers": [(b"x", b"a\r\nb")]}], "bad-header"),
+        "str-header": make([{"type": "http.response.start", "status": 200,
+                             "headers": [("x", "y")]}], "str-header"),
+        "bad-status": make([{"type": "http.response.start", "status": "200"}], "bad-status"),
+        "too-long": make([start, {"type": "http.response.body", "body": b"abcd"}], "too-long"),
+    }
+    with _a_opener(apps) as (opener, _):
+        for name in ("body-first", "bad-header", "str-header", "bad-status"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                opener.open("inproc://%s/" % name, timeout=WAIT)
+            info.value.close()
+            assert info.value.code == 500
+        with opener.open("inproc://too-long/", timeout=WAIT) as resp:
+            with pytest.raises(OSError):
+                resp.read()
+    assert isinstance(results["body-first"], RuntimeError)
+    assert isinstance(results["bad-header"], ValueError)
+    assert isinstance(results["str-header"], TypeError)
+    assert isinstance(results["bad-status"], ValueError)
+    assert isinstance(results["too-long"], RuntimeError)
+
+
+def test_asgi_http_errors_redirects_head_and_204():
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        status = {"/missing": 404, "/empty": 204, "/old": 302}.get(scope["path"], 200)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"text/plain"), (b"location", b"/new")]})
+        await send({"type": "http.response.body", "body": b"body of %d" % status})
+
+    with _a_opener({"api": app}) as (opener, _):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            opener.open("inproc://api/missing", timeout=WAIT)
+        with info.value as err:
+            assert err.code == 404 and err.reason == "Not Found"
+            assert err.read() == b"body of 404"
+        with opener.open("inproc://api/empty", timeout=WAIT) as resp:
+            assert resp.status == 204 and resp.read() == b""
+        with opener.open("inproc://api/old", timeout=WAIT) as resp:
+            assert resp.url == "inproc://api/new" and resp.read() == b"body of 200"
+        with opener.open(urllib.request.Request("inproc://api/", method="HEAD"),
+                         timeout=WAIT) as resp:
+            assert resp.status == 200 and resp.read() == b""
+
+
+# ---------------------------------------------------------------------------
+# concurrency, context
+# ---------------------------------------------------------------------------
+
+
+def test_asgi_concurrent_requests_share_the_loop():
+    n = 12
+    threads_seen = set()
+    arrived = []
+    all_in = {}
+
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        await _a_read_body(receive)
+        threads_seen.add(threading.current_thread().name)
+        if "event" not in all_in:
+            all_in["event"] = asyncio.Event()
+        arrived.append(scope["path"])
+        if len(arrived) == n:
+            all_in["event"].set()
+        # Every request is in flight on the loop at once before any answers.
+        await asyncio.wait_for(all_in["event"].wait(), WAIT)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    slow_baton = _a_Baton()
+
+    async def slow_stream(scope, receive, send):
+        assert scope["type"] == "http"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(40):  # 2.5 MiB: the reader below never drains it
+            await send({"type": "http.response.body", "body": b"s" * 65536,
+                        "more_body": True})
+        await slow_baton.take()
+        await send({"type": "http.response.body", "body": b""})
+
+    results = {}
+    with _a_opener({"api": app, "slow": slow_stream}) as (opener, _):
+        slow = opener.open("inproc://slow/", timeout=WAIT)  # and left unread: it blocks its app
+        try:
+            def fetch(i):
+                with opener.open("inproc://api/%d" % i, timeout=WAIT) as resp:
+                    results[i] = resp.read()
+
+            workers = [threading.Thread(target=fetch, args=(i,)) for i in range(n)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join(WAIT)
+        finally:
+            slow.close()
+    assert results == {i: b"/%d" % i for i in range(n)}
+    assert threads_seen == {"inproc_bridge-asgi"}
+
+
+def test_asgi_contextvars_and_current_source_reach_the_app():
+    var = contextvars.ContextVar("request_id", default="unset")
+    record = {}
+
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        record["var"] = var.get()
+        record["source"] = ib.current_source()
+        record["actor"] = ib.current_actor()
+        record["cancelled"] = ib.cancelled().is_set()
+        var.set("changed inside")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    factory = ib.OpenerFactory({"api": app})
+    try:
+        opener = factory.opener_for(actor={"id": 7}, source="billing")
+        var.set("req-42")
+        with opener.open("inproc://api/", timeout=WAIT) as resp:
+            resp.read()
+        assert var.get() == "req-42"  # the app ran in a copy
+    finally:
+        factory.close()
+    assert record == {"var": "req-42", "source": "billing", "actor": {"id": 7},
+                      "cancelled": False}
+    assert isinstance(record["source"], ib.Source)
+    assert ib.current_source() is None
+
+
+def test_asgi_no_timeout_and_nested_calls():
+    async def inner(scope, receive, send):
+        assert scope["type"] == "http"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"inner"})
+
+    record = {}
+
+    async def outer(scope, receive, send):
+        assert scope["type"] == "http"
+        # A blocking call from the loop thread itself would deadlock: refused.
+        try:
+            opener.open("inproc://inner/")
+        except ib.BridgeError as exc:
+            record["refused"] = exc
+
+        def call_inner():
+            with opener.open("inproc://inner/") as resp:
+                return resp.read()
+
+        body = await asyncio.get_running_loop().run_in_executor(None, call_inner)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"outer+" + body})
+
+    with _a_opener({"inner": inner, "outer": outer}) as (opener, _):
+        with opener.open("inproc://outer/") as resp:  # no timeout at all
+            assert resp.read() == b"outer+inner"
+    assert "deadlock" in str(record["refused"])
+
+
+# ---------------------------------------------------------------------------
+# lifespan, close
+# ---------------------------------------------------------------------------
+
+
+def test_asgi_lifespan_startup_state_and_shutdown():
+    app = _a_Lifespan()
+    with _a_opener({}) as (opener, handler):
+        handler.mount("api", app)
+        assert app.events == ["lifespan.startup"]
+        for _ in range(2):
+            with opener.open("inproc://api/", timeout=WAIT) as resp:
+                assert resp.read() == b"[('db', 'connected')]"
+        # One app under two names starts once and stops with its last name.
+        handler.mount("api:8080", app)
+        assert app.events == ["lifespan.startup"]
+        handler.unmount("api")
+        assert not app.shutdown.is_set()
+        handler.unmount("api:8080")
+        assert app.shutdown.is_set()
+        assert app.events == ["lifespan.startup", "lifespan.shutdown"]
+    opted_out = _a_Lifespan()
+    with _a_opener({"api": ib.ASGIApp(opted_out, lifespan=False)}) as (opener, _):
+        with opener.open("inproc://api/", timeout=WAIT) as resp:
+            assert resp.read() == b"no state"
+    assert opted_out.events == []
+
+
+def test_asgi_lifespan_failure_makes_mount_raise():
+    app = _a_Lifespan(fail="no database")
+    with _a_opener({}) as (opener, handler):
+        with pytest.raises(ib.BridgeError) as info:
+            handler.mount("api", app)
+        assert "no database" in str(info.value)
+        with pytest.raises(ib.BridgeError):
+            opener.open("inproc://api/", timeout=WAIT)  # not mounted
+    with pytest.raises(ib.BridgeError):
+        ib.InProcHandler({"api": _a_Lifespan(fail="bad config")})
+
+
+def test_asgi_lifespan_unsupported_is_fine(caplog):
+    seen = []
+
+    async def reads_first(scope, receive, send):
+        message = await receive()  # lifespan.startup: then it raises, as a sloppy app would
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": message.get("body", b"")})
+
+    with _a_opener({"api": _a_app(seen=seen)}) as (opener, handler):  # raises on "lifespan"
+        with opener.open("inproc://api/", timeout=WAIT) as resp:
+            assert resp.read() == b"ok"
+        handler.unmount("api")
+        with caplog.at_level(logging.WARNING, logger="inproc_bridge"):
+            handler.mount("sloppy", reads_first)
+        assert "without lifespan" in caplog.records[0].getMessage()
+        with opener.open("inproc://sloppy/", data=b"echo", timeout=WAIT) as resp:
+            assert resp.read() == b"echo"
+    assert "state" not in seen[0]
+
+
+def test_asgi_close_stops_the_loop_thread():
+    app = _a_Lifespan()
+    record = {}
+
+    async def where(scope, receive, send):
+        assert scope["type"] == "http"
+        record["thread"] = threading.current_thread()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    def wsgi_app(environ, start_response):
+        start_response("200 OK", [])
+        return [b"wsgi"]
+
+    handler = ib.InProcHandler({"api": app, "where": where, "wsgi": wsgi_app})
+    opener = urllib.request.build_opener(handler)
+    with opener.open("inproc://where/", timeout=WAIT) as resp:
+        resp.read()
+    thread = record["thread"]
+    assert thread.daemon and thread.is_alive()
+    handler.close()
+    assert not thread.is_alive()
+    assert app.shutdown.is_set()
+    handler.close()  # idempotent
+    with pytest.raises(ib.BridgeError):
+        opener.open("inproc://where/", timeout=WAIT)
+    with pytest.raises(ib.BridgeError):
+        handler.mount("again", where)
+    with opener.open("inproc://wsgi/", timeout=WAIT) as resp:  # owns nothing: still served
+        assert resp.read() == b"wsgi"
+
+    # An opener's handler leaves the loop to its factory.
+    factory = ib.OpenerFactory({"where": where})
+    try:
+        opener = factory.opener_for()
+        for handler in opener.handlers:
+            handler.close()
+        with opener.open("inproc://where/", timeout=WAIT) as resp:
+            resp.read()
+        thread = record["thread"]
+    finally:
+        factory.close()
+    assert not thread.is_alive()
+
+
+def test_asgi_close_drops_requests_in_flight():
+    record = {}
+    started = threading.Event()
+
+    async def endless(scope, receive, send):
+        assert scope["type"] == "http"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"tick\n", "more_body": True})
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            record["cancelled"] = True
+            raise
+
+    with _a_opener({"api": endless}) as (opener, handler):
+        with opener.open("inproc://api/", timeout=WAIT) as resp:
+            assert resp.readline() == b"tick\n"
+            assert started.wait(WAIT)
+            handler.close()
+            with pytest.raises(OSError):
+                resp.read()
+    assert record["cancelled"]
+
+
+def test_asgi_loop_stops_when_the_bridge_is_collected():
+    record = {}
+
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        record["thread"] = threading.current_thread()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(3):
+            await send({"type": "http.response.body", "body": b"%d" % i, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    # A throw-away opener: the stream must outlive it.
+    resp = urllib.request.build_opener(ib.InProcHandler({"api": app})).open(
+        "inproc://api/", timeout=WAIT)
+    with resp:
+        gc.collect()
+        assert resp.read() == b"012"
+    del resp
+    gc.collect()
+    record["thread"].join(WAIT)
+    assert not record["thread"].is_alive()
+
+
+# ---------------------------------------------------------------------------
+# a real framework, when one is installed
+# ---------------------------------------------------------------------------
+
+
+def test_asgi_serves_a_starlette_app():
+    pytest.importorskip("starlette")
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    events = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        events.append("startup")
+        yield {"greeting": "hello"}
+        events.append("shutdown")
+
+    async def hello(request):
+        body = await request.body()
+        return JSONResponse({"greeting": request.state.greeting,
+                             "path": request.url.path,
+                             "body": body.decode(),
+                             "source": ib.current_source()})
+
+    async def stream(request):
+        async def gen():
+            for i in range(3):
+                yield "data: %d\n\n" % i
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/hello", hello, methods=["POST"]), Route("/sse", stream)],
+                    lifespan=lifespan)
+    factory = ib.OpenerFactory({"api": app})
+    try:
+        assert events == ["startup"]
+        opener = factory.opener_for(source="tests")
+        with opener.open("inproc://api/hello", data=b"hi", timeout=WAIT) as resp:
+            import json
+
+            assert json.loads(resp.read()) == {"greeting": "hello", "path": "/hello",
+                                               "body": "hi", "source": "tests"}
+        with opener.open("inproc://api/sse", timeout=WAIT) as resp:
+            assert resp.getheader("content-type").startswith("text/event-stream")
+            assert resp.read() == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+        with pytest.raises(urllib.error.HTTPError) as info:
+            opener.open("inproc://api/nowhere", timeout=WAIT)
+        info.value.close()
+        assert info.value.code == 404
+    finally:
+        factory.close()
+    assert events == ["startup", "shutdown"]
