@@ -1,9 +1,9 @@
 """An in-process transport for ``urllib.request``: no socket, no port.
 
 ``opener.open("inproc://api/v1/chat")`` runs an HTTP app that lives in the same
-process -- an unmodified ``http.server.BaseHTTPRequestHandler`` subclass or a
-WSGI callable -- and hands back an ``http.client.HTTPResponse`` whose body
-streams chunk by chunk as the app produces it (SSE, NDJSON)::
+process -- an unmodified ``http.server.BaseHTTPRequestHandler`` subclass, a
+WSGI callable or an ASGI 3 app -- and hands back an ``http.client.HTTPResponse``
+whose body streams chunk by chunk as the app produces it (SSE, NDJSON)::
 
     >>> import urllib.request, inproc_bridge
     >>> def app(environ, start_response):
@@ -2305,7 +2305,9 @@ class InProcHandler(urllib.request.BaseHandler):
 
     ``apps`` maps mount names (host names, optionally ``host:port``; matched
     case-insensitively) to apps: a ``BaseHTTPRequestHandler`` subclass (or a
-    ``functools.partial`` of one) or a WSGI callable.  ``source`` and
+    ``functools.partial`` of one), an ASGI 3 app (a coroutine function or an
+    object with an ``async def __call__``; wrap anything else in
+    ``ASGIApp``) or a WSGI callable (any other callable).  ``source`` and
     ``actor`` tag every request this handler serves; apps read them with
     ``current_source()`` and ``current_actor()``.
 

@@ -33,6 +33,8 @@ def check(path: str) -> int:
             "file_insertion_enabled": False,
             "raw_enabled": False,
             "input_encoding": "utf-8",
+            # Whether Pygments is installed must not decide the verdict.
+            "syntax_highlight": "none",
         },
     )
     walk = getattr(doctree, "findall", None) or doctree.traverse  # findall: docutils 0.18+
