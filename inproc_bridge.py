@@ -421,12 +421,12 @@ class BodyPipe(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def _refill(self, limit: int) -> bool:
-        """Take what is queued; False at the end of the stream."""
+    def _refill(self, limit: int) -> Optional[memoryview]:
+        """Take what is queued as the current chunk; None at the end."""
         if self._end is not None:
             if self._end.error is not None:
                 raise self._end.error
-            return False
+            return None
         if self.closed:
             raise ValueError("read from a closed pipe")
         if self._timed_out:
@@ -445,7 +445,7 @@ class BodyPipe(io.RawIOBase):
         if not chunks:
             return self._refill(limit)
         self._chunk = memoryview(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        return True
+        return self._chunk
 
     def readinto(self, b: Any) -> int:
         view = memoryview(b).cast("B")
@@ -454,10 +454,9 @@ class BodyPipe(io.RawIOBase):
             return 0
         chunk = self._chunk
         if chunk is None:
-            if not self._refill(want):
+            chunk = self._refill(want)
+            if chunk is None:
                 return 0
-            chunk = self._chunk
-            assert chunk is not None  # for the type checker; _refill set it
         n = min(want, len(chunk))
         view[:n] = chunk[:n]
         self._chunk = chunk[n:] if n < len(chunk) else None
@@ -469,7 +468,7 @@ class BodyPipe(io.RawIOBase):
             if self._chunk is not None:
                 parts.append(self._chunk.tobytes())
                 self._chunk = None
-            if not self._refill(PIPE_LIMIT):
+            if self._refill(PIPE_LIMIT) is None:
                 return b"".join(parts)
 
     def close(self) -> None:
@@ -667,6 +666,13 @@ class _HandlerSocket:
 _HOLD_LIMIT = 1 << 16
 
 
+def _feed_pipe(pipe: BodyPipe, data: Any) -> None:
+    try:
+        pipe.write(data)
+    except BrokenPipeError:
+        pass  # the app finished without reading it all: dropped, as TCP would
+
+
 class _HandlerRun:
     """One request to a handler class: the request bytes, the response pipe
     to the caller, and the worker job that runs the handler's life cycle."""
@@ -689,26 +695,20 @@ class _HandlerRun:
     # -- the caller's side ---------------------------------------------------
 
     def send(self, data: Any) -> None:
-        if self.inbound is None:
+        pipe = self.inbound
+        if pipe is None:
             data = data if type(data) is bytes else memoryview(data).tobytes()
             if self.held_size + len(data) <= _HOLD_LIMIT:
                 self.held.append(data)
                 self.held_size += len(data)
                 return
             # Too big to hold: the app starts reading while the rest arrives.
-            self.inbound = BodyPipe(write_timeout=self.timeout)
+            pipe = self.inbound = BodyPipe(write_timeout=self.timeout)
             held, self.held = self.held, []
             for part in held:
-                self._feed(part)
+                _feed_pipe(pipe, part)
             self.launch()
-        self._feed(data)
-
-    def _feed(self, data: Any) -> None:
-        assert self.inbound is not None  # send() made it
-        try:
-            self.inbound.write(data)
-        except BrokenPipeError:
-            pass  # the app finished without reading it all: dropped, as TCP would
+        _feed_pipe(pipe, data)
 
     def end_request(self) -> None:
         """http.client has sent everything and now waits for the response."""
@@ -952,7 +952,9 @@ class _WSGICall:
             sink.write(data)
 
     def _head(self, first: bytes, single: bool) -> _Head:
-        assert self.status is not None  # checked by the callers
+        status = self.status
+        if status is None:
+            raise RuntimeError("the WSGI app sent a body before calling start_response()")
         self.head_sent = True
         self.single = single
         headers = self.headers
@@ -963,7 +965,7 @@ class _WSGICall:
             headers.append(("Content-Length", str(len(first))))
         if "date" not in names:
             headers.append(("Date", _http_date()))
-        return (int(self.status[:3]), self.status[4:], headers, first)
+        return (int(status[:3]), status[4:], headers, first)
 
     def begin(self) -> Optional[_Head]:
         """Run the app up to its first non-empty chunk and return the head;
@@ -1403,7 +1405,8 @@ class _ASGICall:
 
     async def _receive_chunk(self) -> Optional[Dict[str, Any]]:
         inbox, loop = self.inbox, self.loop
-        assert inbox is not None  # checked by the caller
+        if inbox is None:
+            return None
         queue: _LoopQueue = inbox._queue  # type: ignore[assignment]
         while not (self.gone or self.finished):
             future = loop.create_future()
@@ -1822,7 +1825,8 @@ def _feed(call: _ASGICall, body: _RequestBody) -> None:
     the caller's thread, as http.client sends one: before the response is
     read, held back while the app does not read."""
     inbox = call.inbox
-    assert inbox is not None  # set with body
+    if inbox is None:
+        return
     view = memoryview(bytearray(_RECEIVE_LIMIT))
     try:
         while True:
@@ -2492,7 +2496,8 @@ class InProcHandler(urllib.request.BaseHandler):
             # No deadline to keep: run the app in the caller's thread and
             # pull its iterable as the caller reads -- no thread hop at all.
             head = ctx.run(call.begin)
-            assert head is not None  # write() cannot send a head on this path
+            if head is None:  # only write() with a worker's pipe sends it early
+                raise RuntimeError("the WSGI app's head went missing")
             if call.body_error is not None:
                 ctx.run(call.close)
                 raise call.body_error
