@@ -907,6 +907,7 @@ class _WSGICall:
         self.sink: Optional[BodyPipe] = None
         self.closed = False
         self.single = False  # the iterable is a one-item sequence: the head holds it all
+        self.wrote = False  # the app used write()
 
     def start_response(self, status: str, headers: List[Tuple[str, str]],
                        exc_info: Any = None) -> Callable[[bytes], None]:
@@ -941,15 +942,17 @@ class _WSGICall:
         data = _check_chunk(data)
         if self.status is None:
             raise RuntimeError("write() called before start_response()")
+        self.wrote = True
         sink = self.sink
-        if sink is None or (not self.head_sent and not data):
-            # In the caller's thread nothing can reach the caller before the
-            # app returns, so written data waits for the iterable.
-            self.pending.append(data)
-        elif not self.head_sent:
+        if sink is not None and self.head_sent:
+            sink.write(data)
+        elif sink is not None and data:
             sink._put_head(self._head(data, single=False))
         else:
-            sink.write(data)
+            # In the caller's thread nothing can reach the caller before the
+            # app hands control back, so written data waits, in order, for
+            # the next pull.
+            self.pending.append(data)
 
     def _head(self, first: bytes, single: bool) -> _Head:
         status = self.status
@@ -969,19 +972,19 @@ class _WSGICall:
 
     def begin(self) -> Optional[_Head]:
         """Run the app up to its first non-empty chunk and return the head;
-        a failure before that becomes wsgiref's 500.  ``None`` when
-        ``write()`` already sent the head."""
-        first = b""
+        a failure before that becomes wsgiref's 500.  ``None`` when a
+        ``write()`` on the worker path already sent the head."""
         try:
             self.result = self.app(self.environ, self.start_response)
+            self.iterator = iter(self.result)
             if self.head_sent:
                 return None
-            first = b"".join(self.pending)
-            self.pending = []
-            self.iterator = iter(self.result)
-            if not first:
-                first = self.next_chunk() or b""
+            first = self.next_chunk() or b""
             if self.head_sent:
+                # A write() inside the iterable sent the head: this chunk
+                # comes after what it wrote.
+                if first:
+                    self.pending.append(first)
                 return None
             if self.status is None:
                 raise RuntimeError("the WSGI app returned without calling start_response()")
@@ -992,31 +995,38 @@ class _WSGICall:
             self.close()
             self.status = _ERROR_STATUS
             self.headers = [("Content-Type", "text/plain")]
+            self.pending = []
             return self._head(_ERROR_BODY, single=True)
         try:
-            single = len(self.result) == 1
+            single = not self.wrote and len(self.result) == 1
         except (TypeError, AttributeError, NotImplementedError):
             single = False
         return self._head(first, single)
 
     def next_chunk(self) -> Optional[bytes]:
-        """The next non-empty chunk, or ``None`` at the end."""
-        if self.pending:
-            data = b"".join(self.pending)
-            self.pending = []
-            if data:
-                return data
-        iterator = self.iterator
-        if iterator is None:
-            return None
-        for data in iterator:
-            data = _check_chunk(data)
-            if data:
+        """The next non-empty chunk, or ``None`` at the end.  Data given to
+        ``write()`` while the iterable ran comes out before what the same
+        step yielded, as a server would have sent it."""
+        while True:
+            if self.pending:
+                data = b"".join(self.pending)
+                self.pending = []
+                if data:
+                    return data
+            iterator = self.iterator
+            if iterator is None:
+                return None
+            try:
+                item = _check_chunk(next(iterator))
+            except StopIteration:
+                self.iterator = None
+                continue  # a write() in the last step may still be pending
+            if self.pending:
+                self.pending.append(item)
+            elif item:
                 if self.status is None:
                     raise RuntimeError("the WSGI app yielded data before calling start_response()")
-                return data
-        self.iterator = None
-        return None
+                return item
 
     def close(self) -> None:
         """Call the iterable's ``close()`` once, whatever happened."""
@@ -2237,8 +2247,23 @@ class _Connection(http.client.HTTPConnection):
         self.sock = sock
 
 
+# http.client's limits on a response head, applied to the heads the bridge
+# builds without it, so an app gets the same error on every path.
+_MAXLINE = 65536
+_MAXHEADERS = 100
+
+
 def _build_response(head: _Head, file: io.BufferedIOBase, req: urllib.request.Request) -> _Response:
     code, reason, headers, _ = head
+    try:
+        if len(headers) > _MAXHEADERS:
+            raise http.client.HTTPException("got more than %d headers" % _MAXHEADERS)
+        for name, value in headers:
+            if len(name) + len(value) + 4 > _MAXLINE:
+                raise http.client.LineTooLong("header line")
+    except http.client.HTTPException:
+        file.close()  # releases the app
+        raise
     method = req.get_method()
     resp = _Response(_Holder(file), method=method)  # type: ignore[arg-type]
     msg = http.client.HTTPMessage()
