@@ -325,16 +325,20 @@ class _ChunkQueue(queue.Queue):  # type: ignore[type-arg]
                         if left <= 0:
                             raise socket.timeout("timed out")
                         self.not_empty.wait(left)
-            items = [self._get()]
-            taken = len(items[0]) if type(items[0]) is bytes else 0
-            while self.queue and taken < limit:
-                item = self._get()
-                items.append(item)
-                if type(item) is not bytes:
-                    break
-                taken += len(item)
-            self.not_full.notify()
-            return items
+            return self._take(limit)
+
+    def _take(self, limit: int) -> List[Any]:
+        # With the mutex held and the queue not empty.
+        items = [self._get()]
+        taken = len(items[0]) if type(items[0]) is bytes else 0
+        while self.queue and taken < limit:
+            item = self._get()
+            items.append(item)
+            if type(item) is not bytes:
+                break
+            taken += len(item)
+        self.not_full.notify()
+        return items
 
     def drop_reader(self) -> None:
         with self.mutex:
@@ -488,16 +492,25 @@ class BodyPipe(io.RawIOBase):
         self._queue.push(head, None, bounded=False)
 
     def _take_head(self) -> Any:
+        # The head is (code, reason, headers, first chunk); the first chunk
+        # goes back in front of the rest of the body.  On any failure the
+        # reader closes: the caller never gets a response to close.
         try:
-            (item,) = self._queue.pull(0, self.read_timeout)
-        except socket.timeout:
-            self._timed_out = True
+            try:
+                (item,) = self._queue.pull(0, self.read_timeout)
+            except socket.timeout:
+                self._timed_out = True
+                raise
+            if isinstance(item, _End):
+                self._end = item
+                if item.error is not None:
+                    raise item.error
+                raise http.client.RemoteDisconnected("in-process app ended without a response")
+        except BaseException:
+            self.close()
             raise
-        if isinstance(item, _End):
-            self._end = item
-            if item.error is not None:
-                raise item.error
-            raise http.client.RemoteDisconnected("in-process app ended without a response")
+        if item[3]:
+            self._chunk = memoryview(item[3])
         return item
 
 
@@ -824,13 +837,13 @@ _WSGI_ERRORS = _ErrorLog()
 
 
 class _RequestBody(io.RawIOBase):
-    """``wsgi.input`` for a file or iterable request body: pulled as the app
-    reads, so a slow app holds the caller's producer back.  A failure of the
-    caller's own body is kept for the caller; the app sees a broken read."""
+    """A file or iterable request body, pulled as the app reads (a slow app
+    holds the caller's producer back).  A failure of the caller's own body
+    is kept in ``error`` for the caller; the app sees a broken read."""
 
-    def __init__(self, data: Any, call: _WSGICall) -> None:
+    def __init__(self, data: Any) -> None:
         super().__init__()
-        self._call = call
+        self.error: Optional[BaseException] = None
         if hasattr(data, "read"):
             self._text = isinstance(data, io.TextIOBase)
             self._chunks: Optional[Iterator[Any]] = iter(
@@ -861,17 +874,35 @@ class _RequestBody(io.RawIOBase):
                 return 0
             except BaseException as exc:  # noqa: BLE001 - the caller's error, kept for the caller
                 self._chunks = None
-                self._call.body_error = exc
+                self.error = exc
                 raise ConnectionAbortedError(
                     errno.ECONNABORTED, "the caller's request body failed: %r" % (exc,)
                 ) from None
-            if isinstance(item, str) and not self._text:
-                item = item.encode("iso-8859-1")
             self._chunk = memoryview(item if type(item) is bytes else bytes(item))
         n = min(len(view), len(self._chunk))
         view[:n] = self._chunk[:n]
         self._chunk = self._chunk[n:]
         return n
+
+
+def _request_body(data: Any) -> Any:
+    """urllib's ``data`` as a request body: ``None``, ``bytes`` (all of it),
+    or a ``_RequestBody`` for a file or an iterable (sent chunked)."""
+    if data is None or type(data) is bytes:
+        return data
+    if isinstance(data, str):
+        raise TypeError(
+            "POST data should be bytes, an iterable of bytes, or a file object. "
+            "It cannot be of type str."
+        )
+    if not hasattr(data, "read") and isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    try:
+        return _RequestBody(data)
+    except TypeError:
+        raise TypeError(
+            "data should be a bytes-like object or an iterable, got %r" % type(data)
+        ) from None
 
 
 def _check_chunk(data: Any) -> bytes:
@@ -903,11 +934,16 @@ class _WSGICall:
         self.result: Any = None
         self.iterator: Optional[Iterator[Any]] = None
         self.pending: List[bytes] = []
-        self.body_error: Optional[BaseException] = None
+        self.request_body: Optional[_RequestBody] = None
         self.sink: Optional[BodyPipe] = None
         self.closed = False
         self.single = False  # the iterable is a one-item sequence: the head holds it all
         self.wrote = False  # the app used write()
+
+    @property
+    def body_error(self) -> Optional[BaseException]:
+        """What the caller's own streamed request body raised, if it did."""
+        return None if self.request_body is None else self.request_body.error
 
     def start_response(self, status: str, headers: List[Tuple[str, str]],
                        exc_info: Any = None) -> Callable[[bytes], None]:
@@ -1277,16 +1313,7 @@ class _LoopQueue(_ChunkQueue):
             if not self.queue:
                 self.wake = wake
                 return None
-            items = [self._get()]
-            taken = len(items[0]) if type(items[0]) is bytes else 0
-            while self.queue and taken < limit:
-                item = self._get()
-                items.append(item)
-                if type(item) is not bytes:
-                    break
-                taken += len(item)
-            self.not_full.notify()
-            return items
+            return self._take(limit)
 
 
 def _loop_pipe(**kwargs: Any) -> BodyPipe:
@@ -1314,7 +1341,6 @@ class _ASGICall:
         self.pipe._on_close = self.client_left
         self.body: Optional[bytes] = b""  # a body given whole, until received
         self.inbox: Optional[BodyPipe] = None  # a file or iterable body
-        self.body_error: Optional[BaseException] = None  # set by _RequestBody
         self.no_body = method == "HEAD"
         self.started = self.finished = self.gone = False
         self.length: Optional[int] = None
@@ -1848,8 +1874,8 @@ def _feed(call: _ASGICall, body: _RequestBody) -> None:
         return  # the app finished without reading it all: dropped, as TCP would
     except BaseException:
         inbox.close_writer(ConnectionAbortedError(errno.ECONNABORTED, "the caller's body failed"))
-        if call.body_error is not None:
-            raise call.body_error from None
+        if body.error is not None:
+            raise body.error from None
         raise
     inbox.close_writer()
 
@@ -1866,37 +1892,21 @@ def _serve_asgi(bridge: InProcHandler, req: urllib.request.Request, entry: _Entr
     scope = _asgi_scope(req, exchange, site)
     timeout = _effective_timeout(getattr(req, "timeout", None))
     call = _ASGICall(site, exchange, scope, method, timeout, bridge._mounts)
-    data = req.data
-    body: Optional[_RequestBody] = None
-    if data is None:
-        pass
-    elif isinstance(data, str):
-        raise TypeError(
-            "POST data should be bytes, an iterable of bytes, or a file object. "
-            "It cannot be of type str."
-        )
-    elif hasattr(data, "read") or not isinstance(data, (bytes, bytearray, memoryview)):
-        try:
-            body = _RequestBody(data, call)  # type: ignore[arg-type]
-        except TypeError:
-            raise TypeError(
-                "data should be a bytes-like object or an iterable, got %r" % type(data)
-            ) from None
+    body = _request_body(req.data)
+    if isinstance(body, _RequestBody):
         call.body = None
         call.inbox = _loop_pipe(write_timeout=timeout)
     else:
-        call.body = bytes(data)
+        call.body = body or b""
     runner.submit(call, ctx)
     pipe = call.pipe
-    try:
-        if body is not None:
+    if isinstance(body, _RequestBody):
+        try:
             _feed(call, body)
-        head = pipe._take_head()
-    except BaseException:
-        pipe.close()
-        raise
-    if head[3]:
-        pipe._chunk = memoryview(head[3])
+        except BaseException:
+            pipe.close()
+            raise
+    head = pipe._take_head()
     return _build_response(head, io.BufferedReader(pipe), req)
 
 
@@ -2108,23 +2118,12 @@ def _environ(req: urllib.request.Request, entry: _Entry, exchange: _Exchange,
             environ[key] += "," + value
         else:
             environ[key] = value
-    data = req.data
-    if data is None:
-        environ["wsgi.input"] = io.BytesIO()
-    elif isinstance(data, str):
-        raise TypeError(
-            "POST data should be bytes, an iterable of bytes, or a file object. "
-            "It cannot be of type str."
-        )
-    elif hasattr(data, "read") or not isinstance(data, (bytes, bytearray, memoryview)):
-        try:
-            environ["wsgi.input"] = io.BufferedReader(_RequestBody(data, call))
-        except TypeError:
-            raise TypeError(
-                "data should be a bytes-like object or an iterable, got %r" % type(data)
-            ) from None
+    body = _request_body(req.data)
+    if isinstance(body, _RequestBody):
+        call.request_body = body
+        environ["wsgi.input"] = io.BufferedReader(body)
     else:
-        environ["wsgi.input"] = io.BytesIO(data)
+        environ["wsgi.input"] = io.BytesIO(body or b"")
     return environ
 
 
@@ -2537,18 +2536,10 @@ class InProcHandler(urllib.request.BaseHandler):
             pipe = BodyPipe(read_timeout=timeout)
             pipe._on_close = exchange.leave
             _workers.submit(lambda: ctx.run(call.pump, pipe))
-            try:
-                head = pipe._take_head()
-            except BaseException:
-                pipe.close()
-                raise
+            head = pipe._take_head()
             if call.body_error is not None:
                 pipe.close()
                 raise call.body_error
-            if head[3]:
-                # The first chunk travelled with the head; put it back in
-                # front of the rest of the body.
-                pipe._chunk = memoryview(head[3])
             file = io.BufferedReader(pipe)
         return _build_response(head, file, req)
 
