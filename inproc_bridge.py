@@ -297,34 +297,22 @@ class _ChunkQueue(queue.Queue):  # type: ignore[type-arg]
     def push(self, item: Any, timeout: Optional[float], bounded: bool = True) -> None:
         with self.not_full:
             if bounded and self.level >= self.maxsize and not self.reader_gone:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while self.level >= self.maxsize and not self.reader_gone:
-                    if deadline is None:
-                        self.not_full.wait()
-                    else:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise socket.timeout("timed out")
-                        self.not_full.wait(left)
+                if not self.not_full.wait_for(self._has_room, timeout):
+                    raise socket.timeout("timed out")
             if self.reader_gone:
                 raise BrokenPipeError(errno.EPIPE, "the reading end of the pipe is closed")
             self._put(item)
             self.not_empty.notify()
 
+    def _has_room(self) -> bool:
+        return self.level < self.maxsize or self.reader_gone
+
     def pull(self, limit: int, timeout: Optional[float]) -> List[Any]:
         """Every queued item up to ``limit`` bytes (at least one): a reader
         that wakes up takes all that is waiting, not one chunk per hop."""
         with self.not_empty:
-            if not self.queue:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while not self.queue:
-                    if deadline is None:
-                        self.not_empty.wait()
-                    else:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise socket.timeout("timed out")
-                        self.not_empty.wait(left)
+            if not self.queue and not self.not_empty.wait_for(self._qsize, timeout):
+                raise socket.timeout("timed out")
             return self._take(limit)
 
     def _take(self, limit: int) -> List[Any]:
