@@ -2206,7 +2206,9 @@ class _Response(http.client.HTTPResponse):
         # without closing it), so they release their app without blaming the
         # caller.
         fp = getattr(self, "fp", None)
-        if fp is not None and not isinstance(fp, _Body) and getattr(self, "status", 0) < 400:
+        status = getattr(self, "status", None)
+        if fp is not None and not isinstance(fp, _Body) and not (
+                isinstance(status, int) and status >= 400):
             warnings.warn(
                 "unclosed in-process response %r" % (getattr(self, "url", None),),
                 ResourceWarning,
