@@ -1078,11 +1078,12 @@ class _WSGICall:
                     if data is None:
                         break
                     pipe.write(data)
-        except BrokenPipeError:
-            self.exchange.leave()
         except BaseException as exc:  # noqa: BLE001
-            _log_app_error(self.exchange, "after its response started", exc)
-            pipe.close_writer(_failure(self.exchange.name, "after its response started", exc))
+            if isinstance(exc, BrokenPipeError) and pipe.reader_closed:
+                self.exchange.leave()  # the caller left: how a stream nobody reads ends
+            else:
+                _log_app_error(self.exchange, "after its response started", exc)
+                pipe.close_writer(_failure(self.exchange.name, "after its response started", exc))
         else:
             pipe.close_writer()
         finally:
@@ -1860,10 +1861,12 @@ def _feed(call: _ASGICall, body: _RequestBody) -> None:
             inbox.write(view[:n])
     except BrokenPipeError:
         return  # the app finished without reading it all: dropped, as TCP would
-    except BaseException:
+    except BaseException as exc:
         inbox.close_writer(ConnectionAbortedError(errno.ECONNABORTED, "the caller's body failed"))
         if body.error is not None:
             raise body.error from None
+        if isinstance(exc, socket.timeout):
+            raise urllib.error.URLError(exc) from exc  # as urllib's do_open reports it
         raise
     inbox.close_writer()
 
@@ -2285,23 +2288,6 @@ def _build_response(head: _Head, file: io.BufferedIOBase, req: urllib.request.Re
     return resp
 
 
-def _hold_error_body(resp: _Response) -> None:
-    """Read a small error body into memory, releasing the app at once.
-
-    urllib may drop an error response without closing it (its auth handlers
-    retry past a 401), so an app must not stay attached to one.  Only a
-    Content-Length body up to ``_HOLD_LIMIT`` is taken: it is there or on its
-    way.  A streamed error body stays live for the caller to read.
-    """
-    if resp.fp is None or isinstance(resp.fp, _Body) or resp.chunked:
-        return
-    if resp.length is None or resp.length > _HOLD_LIMIT:
-        return
-    data = resp.read()  # ends by closing the pipe: the app is released
-    resp.fp = _Body(data)  # type: ignore[assignment]
-    resp.length = len(data)
-
-
 # ---------------------------------------------------------------------------
 # The urllib handler
 # ---------------------------------------------------------------------------
@@ -2470,13 +2456,18 @@ class InProcHandler(urllib.request.BaseHandler):
     # -- dispatch -----------------------------------------------------------
 
     def _serves(self, url: str) -> bool:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme == "inproc":
+        # Judge the URL as urllib will open it: Request() un-percent-encodes
+        # the host, so http://api%2einternal/ must count as api.internal.
+        try:
+            probe = urllib.request.Request(url)
+        except ValueError:
+            return False  # urllib cannot open it either
+        if probe.type == "inproc":
             return True
-        if not (self.intercept_http and parts.scheme in ("http", "https")):
+        if not (self.intercept_http and probe.type in ("http", "https")):
             return False
         try:
-            return self._mounts.find(parts.netloc, parts.scheme) is not None
+            return self._mounts.find(probe.host, probe.type) is not None
         except BridgeError:
             return False
 
@@ -2496,8 +2487,6 @@ class InProcHandler(urllib.request.BaseHandler):
             resp = _serve_asgi(self, req, entry, exchange, ctx)
         else:
             resp = self._serve_wsgi(req, entry, exchange, ctx)
-        if resp.status >= 400:
-            _hold_error_body(resp)
         return resp
 
     def _serve_wsgi(self, req: urllib.request.Request, entry: _Entry, exchange: _Exchange,

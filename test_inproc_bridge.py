@@ -349,7 +349,8 @@ def test_response_surface_is_httpresponse(path):
         assert resp.read1(4) == b"line"
         buf = bytearray(5)
         assert resp.readinto(buf) == 5 and bytes(buf) == b" two\n"
-        assert list(resp) == [b"line three\n"]
+        assert ("Content-Type", "text/plain") in resp.getheaders()
+        assert resp.readlines() == [b"line three\n"]
         assert resp.read() == b""
 
 
@@ -621,6 +622,73 @@ def test_error_wsgi_short_content_length_raises(timeout):
             with pytest.raises(http.client.IncompleteRead):
                 while resp.read(amt):
                     pass
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("failure", ["short", "raise"])
+def test_error_response_with_a_broken_body_is_httperror_first(path, failure, caplog):
+    # As over TCP: open() raises HTTPError at once; only reading its body fails.
+    kind, timeout = path
+
+    def do_GET(self):
+        self.send_response(500)
+        self.send_header("Content-Length", "100")
+        self.end_headers()
+        self.wfile.write(b"partial")
+        if failure == "raise":
+            raise RuntimeError("midway")
+
+    def app(environ, start_response):
+        start_response("500 Oops", [("Content-Type", "text/plain"), ("Content-Length", "100")])
+        yield b"partial"
+        if failure == "raise":
+            raise RuntimeError("midway")
+
+    opener = _opener({"api": _handler(do_GET=do_GET) if kind == "handler" else validator(app)})
+    with caplog.at_level(logging.CRITICAL, logger="inproc_bridge"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            opener.open("inproc://api/", timeout=timeout)
+        with info.value as err:
+            assert err.code == 500
+            with pytest.raises((http.client.IncompleteRead, ConnectionResetError)):
+                err.read()
+
+
+def test_error_response_whose_body_comes_late_is_httperror_at_once():
+    release = threading.Event()
+
+    def do_GET(self):
+        self.send_response(503)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        self.wfile.flush()
+        release.wait(WAIT)  # the body waits until the caller has its HTTPError
+        self.wfile.write(b"later")
+
+    opener = _opener({"api": _handler(do_GET=do_GET)})
+    try:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            opener.open("inproc://api/", timeout=WAIT)
+    finally:
+        release.set()
+    with info.value as err:
+        assert err.code == 503 and err.read() == b"later"
+
+
+def test_error_wsgi_app_raising_broken_pipe_itself_is_an_app_error(caplog):
+    # Its own BrokenPipeError (say, from an upstream) is a failure to report,
+    # not its caller leaving: the read raises at once, no timeout wait.
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        yield b"first,"
+        raise BrokenPipeError("upstream connection broke")
+
+    with caplog.at_level(logging.ERROR, logger="inproc_bridge"):
+        for timeout in (None, WAIT):
+            with _opener({"api": validator(app)}).open("inproc://api/", timeout=timeout) as resp:
+                with pytest.raises(ConnectionResetError, match="upstream"):
+                    resp.read()
+    assert len([r for r in caplog.records if r.name == "inproc_bridge"]) == 2  # both logged
 
 
 def test_error_handler_returning_without_response_is_200_empty():
@@ -1171,6 +1239,19 @@ def test_pipe_rejects_bad_arguments():
 # ---------------------------------------------------------------------------
 # Self-test
 # ---------------------------------------------------------------------------
+
+
+def test_selftest_runs_as_a_module():
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ib.__file__)))
+    done = subprocess.run([sys.executable, "-m", "inproc_bridge"], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1].endswith(" passed, 0 failed")
+    assert ib.__version__ in done.stdout.splitlines()[0]
+    assert subprocess.run([sys.executable, "-m", "inproc_bridge", "--help"], capture_output=True,
+                          timeout=120, env=env).returncode == 0
 
 
 def test_selftest_passes(capsys):
@@ -2395,6 +2476,11 @@ def _d_network_redirector(location, code=302):
     "https://api.internal/echo",
     "HTTP://API.INTERNAL:80/echo",
     "https://api.internal:443/",
+    # urllib un-percent-encodes the host: these are api.internal too
+    "http://api%2einternal/echo",
+    "http://%61pi.internal/echo",
+    "http://api.internal:%38%30/echo",
+    "https://api%2Einternal/echo",
 ])
 def test_security_network_response_cannot_redirect_into_bridge(code, location):
     calls, fell = [], []
@@ -3073,6 +3159,25 @@ def test_asgi_app_that_ignores_the_body_frees_the_caller():
     with _a_opener({"api": app}) as (opener, _):
         with opener.open("inproc://api/", data=big, timeout=WAIT) as resp:
             assert resp.read() == b"ignored it"
+
+
+def test_asgi_request_body_send_timeout_is_urlerror():
+    # As urllib reports a request it could not send in time: URLError(timeout).
+    release = threading.Event()
+
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        while not release.is_set():  # never reads the body
+            await asyncio.sleep(0.01)
+
+    big = (b"z" * 65536 for _ in range(64))  # 4 MiB: more than the pipe holds
+    with _a_opener({"api": app}) as (opener, _):
+        try:
+            with pytest.raises(urllib.error.URLError) as info:
+                opener.open("inproc://api/", data=big, timeout=0.2)
+            assert isinstance(info.value.reason, socket.timeout)
+        finally:
+            release.set()
 
 
 # ---------------------------------------------------------------------------
