@@ -966,6 +966,8 @@ class _WSGICall:
         data = _check_chunk(data)
         if self.status is None:
             raise RuntimeError("write() called before start_response()")
+        if self.exchange.gone:
+            raise BrokenPipeError(errno.EPIPE, "the caller has closed the response")
         self.wrote = True
         sink = self.sink
         if sink is not None and self.head_sent:
@@ -1037,6 +1039,10 @@ class _WSGICall:
                 self.pending = []
                 if data:
                     return data
+            if self.sink is not None and self.sink.reader_closed:
+                # The caller left while the app yields only empty chunks: stop
+                # it here, as the next write would, instead of spinning.
+                raise BrokenPipeError(errno.EPIPE, "the caller has closed the response")
             iterator = self.iterator
             if iterator is None:
                 return None

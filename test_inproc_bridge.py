@@ -836,6 +836,34 @@ def test_caller_close_sets_cancelled_and_next_write_fails(path):
             threading.Event().wait(0.01)
 
 
+@pytest.mark.parametrize("timeout", WSGI_TIMEOUTS)
+def test_caller_close_makes_wsgi_write_raise(timeout):
+    errors, done = [], threading.Event()
+
+    def app(environ, start_response):
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def body():
+            try:
+                yield b"first"
+                while True:
+                    yield b""  # keeps the worker path asking
+            finally:
+                try:
+                    write(b"after the caller left")
+                except BrokenPipeError as exc:
+                    errors.append(exc)
+                done.set()
+
+        return body()
+
+    resp = _opener({"api": app}).open("inproc://api/", timeout=timeout)
+    assert resp.read(5) == b"first"
+    resp.close()
+    assert done.wait(WAIT)
+    assert len(errors) == 1
+
+
 def test_cancelled_is_the_same_event_for_a_request():
     events = []
 
