@@ -1085,6 +1085,50 @@ def test_handler_life_cycle_is_the_real_one():
     assert seen["agent"].startswith("Python-urllib/") and seen["body"] == b"xyz"
 
 
+@pytest.mark.parametrize("data", [None, b"a=1", iter([b"chunk"])])
+def test_handler_request_bytes_match_a_real_socket(data):
+    # The request a handler reads, byte for byte, is what urllib sends over TCP
+    # (bar the Host value, which names the server).
+    seen = []
+
+    class Record(QuietHandler):
+        def do_POST(self):
+            self.do_GET()
+
+        def do_GET(self):
+            if self.headers["Transfer-Encoding"] == "chunked":
+                while self.rfile.readline() not in (b"0\r\n", b""):
+                    self.rfile.readline()
+                self.rfile.readline()
+            elif self.headers["Content-Length"]:
+                self.rfile.read(int(self.headers["Content-Length"]))
+            # read the body first: over TCP a close with unread bytes resets
+            seen.append((self.raw_requestline, self.headers.items()))
+            _respond(self, body=b"ok")
+
+    def fetch(opener, url):
+        body = data if not isinstance(data, type(iter([]))) else iter([b"chunk"])
+        req = urllib.request.Request(url, data=body, headers={"X-Int": 7, "X-Tab": "a\tb"})
+        with opener.open(req, timeout=WAIT) as resp:
+            assert resp.read() == b"ok"
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Record)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        fetch(urllib.request.build_opener(urllib.request.ProxyHandler({})),
+              "http://127.0.0.1:%d/p?q=1" % server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+    fetch(_opener({"api": Record}), "inproc://api/p?q=1")
+    (net_line, net_headers), (here_line, here_headers) = seen
+    assert here_line == net_line
+    normalize = lambda items: [(k, "HOST" if k == "Host" else v) for k, v in items]  # noqa: E731
+    assert normalize(here_headers) == normalize(net_headers)
+
+
 def test_handler_partial_serves_a_directory(tmp_path):
     (tmp_path / "hello.txt").write_bytes(b"hello file")
     app = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
