@@ -2292,14 +2292,18 @@ def _d_password_mgr(uri, password=_D_PASS):
     return mgr
 
 
-def test_auth_basic_with_password_for_inproc_url(d_route):
+@pytest.mark.parametrize("scheme, handler_class", [
+    ("basic", urllib.request.HTTPBasicAuthHandler),
+    ("digest", urllib.request.HTTPDigestAuthHandler),
+])
+def test_auth_with_password_for_inproc_url(d_route, scheme, handler_class):
     make_app, timeout = d_route
     calls = []
-    auth = urllib.request.HTTPBasicAuthHandler(_d_password_mgr("inproc://api/"))
+    auth = handler_class(_d_password_mgr("inproc://api/"))
     opener = _d_inproc_opener({"api": make_app(calls)}, auth)
     with _d_dropped_responses():
-        with opener.open("inproc://api/basic", timeout=timeout) as resp:
-            assert resp.read() == b"welcome, basic"
+        with opener.open("inproc://api/" + scheme, timeout=timeout) as resp:
+            assert resp.read() == b"welcome, " + scheme.encode()
     assert len(calls) == 2
 
 
@@ -2314,17 +2318,6 @@ def test_auth_basic_wrong_password_is_401(d_route):
     assert seen[:3] == ("HTTPError", 401, "Unauthorized")
     assert ("www-authenticate", 'Basic realm="%s"' % _D_REALM) in seen[3]
     assert seen[4] == b"denied"
-
-
-def test_auth_digest_with_password_for_inproc_url(d_route):
-    make_app, timeout = d_route
-    calls = []
-    auth = urllib.request.HTTPDigestAuthHandler(_d_password_mgr("inproc://api/"))
-    opener = _d_inproc_opener({"api": make_app(calls)}, auth)
-    with _d_dropped_responses():
-        with opener.open("inproc://api/digest", timeout=timeout) as resp:
-            assert resp.read() == b"welcome, digest"
-    assert len(calls) == 2
 
 
 def test_auth_digest_wrong_password_fails(d_route):
