@@ -122,6 +122,13 @@ def test_all_matches_public_names():
         assert getattr(ib, name).__doc__, name
 
 
+def test_module_docstring_example_runs():
+    import doctest
+
+    result = doctest.testmod(ib)
+    assert result.attempted >= 3 and result.failed == 0
+
+
 def test_bridge_error_is_urlerror():
     assert issubclass(ib.BridgeError, urllib.error.URLError)
     assert isinstance(ib.SOURCE_AGENTS, ib.Source) and ib.SOURCE_AGENTS == "agents"
