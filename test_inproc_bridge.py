@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import collections
 import contextlib
 import contextvars
 import email.utils
@@ -5704,3 +5705,745 @@ def test_badinput_app_base_exception_is_contained(path, exc_type, when, caplog, 
     logged = [r for r in caplog.records if r.name == "inproc_bridge" and r.exc_info]
     assert any(r.exc_info[0] is exc_type for r in logged), caplog.records
     _r_assert_threads_back(r_pool)
+
+
+# ---------------------------------------------------------------------------
+# Reliability of ASGI apps: randomized faults, leaks, memory, load
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# ASGI reliability: shared helpers
+# ---------------------------------------------------------------------------
+
+#: Upper bound for any wait in a passing test; a passing test waits far less.
+AR_WAIT = 10.0
+#: Watchdog for one whole exchange run in a client thread.
+AR_WATCHDOG = 30.0
+#: What a caller may see instead of its bytes: never a silent short body.
+AR_ALLOWED = (http.client.HTTPException, OSError)
+AR_MIB = 1 << 20
+AR_PIECE = 64 * 1024
+AR_FIRST = b"first|"
+#: Random bytes the random tests cut their bodies from.
+AR_SOURCE = hashlib.shake_256(b"inproc_bridge asgi reliability").digest(2 * AR_MIB)
+
+
+class _ar_AppFault(Exception):
+    """What the test apps raise on purpose."""
+
+
+class _ar_Bridge:
+    """A fresh InProcHandler and an opener over it; ``close()`` stops the
+    loop thread and checks that no thread it started is left."""
+
+    def __init__(self, apps):
+        self.before = set(threading.enumerate())
+        self.handler = ib.InProcHandler(apps)
+        self.opener = urllib.request.build_opener(self.handler)
+
+    @property
+    def runner(self):
+        return self.handler._mounts._asgi
+
+    def close(self):
+        self.handler.close()
+
+    def new_threads(self, timeout=AR_WAIT):
+        """Threads alive now that were not before the bridge was made
+        (bounded poll: a thread that was joined may take a moment to go)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            extra = [t for t in threading.enumerate() if t not in self.before and t.is_alive()]
+            if not extra or time.monotonic() > deadline:
+                return extra
+            time.sleep(0.005)
+
+
+def _ar_tasks_drained(bridge, timeout=AR_WAIT):
+    """Wait (bounded poll) until the loop runs no request task; how many
+    are left (0: drained)."""
+    runner = bridge.runner
+    deadline = time.monotonic() + timeout
+    while True:
+        left = len(runner.tasks)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.002)
+
+
+def _ar_call(fn, timeout=AR_WATCHDOG):
+    """Run ``fn`` in a watchdog thread: its result, its exception, or a
+    failure if it is still running after ``timeout`` seconds (a hang)."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # handed to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="ar-client", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        pytest.fail("hang: the call did not finish within %s s" % timeout)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _ar_run_threads(targets, timeout=AR_WATCHDOG):
+    """Run each callable in its own thread; fail on a hang, re-raise the
+    first error."""
+    errors = []
+
+    def wrap(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # handed to the test
+                errors.append(exc)
+
+        return run
+
+    threads = [threading.Thread(target=wrap(fn), name="ar-client", daemon=True)
+               for fn in targets]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    alive = sum(thread.is_alive() for thread in threads)
+    if alive:
+        pytest.fail("hang: %d of %d threads still running after %s s"
+                    % (alive, len(threads), timeout))
+    if errors:
+        raise errors[0]
+
+
+class _ar_Gate:
+    """A one-shot gate that async apps on any loop await and any thread
+    opens (a threading.Event with an awaitable side, no polling)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open = False
+        self._waiters = []
+
+    async def wait(self):
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._open:
+                return
+            future = loop.create_future()
+            self._waiters.append((loop, future))
+        await asyncio.wait_for(future, AR_WAIT)
+
+    def open(self):
+        with self._lock:
+            self._open = True
+            waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            loop.call_soon_threadsafe(_ar_settle, future)
+
+
+def _ar_settle(future):
+    if not future.done():
+        future.set_result(None)
+
+
+class _ar_Probe:
+    """Counts app tasks that started and finished (thread-safe)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self.started = 0
+        self.finished = 0
+        self.events = []
+        self.tallies = collections.Counter()  # constant memory, for the leak tests
+
+    def tally(self, kind, detail=None):
+        with self._cond:
+            self.tallies[kind, detail] += 1
+
+    def start(self):
+        with self._cond:
+            self.started += 1
+
+    def note(self, kind, detail=None):
+        with self._cond:
+            self.events.append((kind, detail))
+
+    def details(self, kind):
+        with self._cond:
+            return [detail for k, detail in self.events if k == kind]
+
+    def finish(self):
+        with self._cond:
+            self.finished += 1
+            self._cond.notify_all()
+
+    def wait_finished(self, n=1, timeout=AR_WAIT):
+        with self._cond:
+            return self._cond.wait_for(lambda: self.finished >= n, timeout)
+
+
+def _ar_fresh_chunks(total, size=AR_PIECE):
+    """``total`` bytes as fresh ``size``-byte objects, made one at a time."""
+    filler = bytes(range(256)) * (size // 256)
+    for i in range(total // size):
+        yield i.to_bytes(8, "big") + filler[8:]
+
+
+async def _ar_receive_all(receive):
+    """The whole request body; None if the client left first."""
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# fault: a randomized ASGI app and caller; exact bytes or an error, never a hang
+# ---------------------------------------------------------------------------
+
+AR_SIZES = (0, 0, 1, 2, 7, 100, 1000, 4096, 65536, 300000)
+AR_FLOOD = 1500000
+AR_READ_SIZES = (1, 5, 100, 4096, 65536, AR_MIB)
+AR_READ_KINDS = ("read", "read1", "readinto", "readline", "readall")
+AR_STALL_TIMEOUT = 0.25
+#: Seeds 0..AR_QUICK_SEEDS-1 run always, the rest with the heavy tests.
+AR_QUICK_SEEDS, AR_ALL_SEEDS = 8, 200
+AR_SEEDS = [*range(AR_QUICK_SEEDS),
+            *(pytest.param(seed, marks=pytest.mark.heavy)
+              for seed in range(AR_QUICK_SEEDS, AR_ALL_SEEDS))]
+
+
+def _ar_fault_case(seed):
+    """The random scenario for one seed."""
+    rng = random.Random(seed)
+    pieces = []
+    for _ in range(rng.randint(0, 6)):
+        size = rng.choice(AR_SIZES)
+        offset = rng.randrange(len(AR_SOURCE) - size + 1)
+        pieces.append(AR_SOURCE[offset:offset + size])
+    if rng.random() < 0.3:
+        # More than the pipe holds: the app blocks on a full pipe.
+        pieces.insert(rng.randint(0, len(pieces)), AR_SOURCE[:AR_FLOOD])
+    total = sum(map(len, pieces))
+    # "none": no Content-Length; "exact"; "over": declares more than the
+    # app sends (the body ends short); "under": declares less (the app's
+    # send raises once it passes it).
+    framing = rng.choice(["none", "none", "exact", "exact", "over", "under"])
+    if framing == "under" and total == 0:
+        framing = "over"
+    declared = {"none": None, "exact": total, "over": total + rng.randint(1, 1000),
+                "under": rng.randrange(total) if total else None}[framing]
+    # Points: -1 before http.response.start; i before piece i; n before the
+    # closing message (when the last piece does not close the body itself);
+    # "after" once the response is complete.
+    last_closes = bool(pieces) and rng.random() < 0.5
+    n = len(pieces)
+    points = [-1, *range(n), *([] if last_closes else [n]), "after"]
+    fault = rng.choice(points) if rng.random() < 0.5 else None
+    stall = rng.choice(points[:-1]) if rng.random() < 0.15 else None
+    plan = [(rng.choice(AR_READ_KINDS), rng.choice(AR_READ_SIZES))
+            for _ in range(rng.randint(1, 4))]
+    close_after = rng.randint(0, 5) if rng.random() < 0.3 else None
+    timeout = AR_STALL_TIMEOUT if stall is not None else rng.choice([None, 5])
+    return {"pieces": pieces, "framing": framing, "declared": declared,
+            "last_closes": last_closes, "fault": fault, "stall": stall, "plan": plan,
+            "close_after": close_after, "timeout": timeout}
+
+
+def _ar_fault_app(case, probe):
+    pieces, declared, fault, stall = case["pieces"], case["declared"], case["fault"], case["stall"]
+
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        probe.start()
+        try:
+            first = await receive()
+            assert first == {"type": "http.request", "body": b"", "more_body": False}, first
+
+            async def point(i):
+                if stall == i:
+                    # Wait for the caller to time out and leave.
+                    probe.note("stall", await receive())
+                    return True
+                if fault == i:
+                    raise _ar_AppFault("fault at point %r" % (i,))
+                return False
+
+            try:
+                if await point(-1):
+                    return
+                headers = [(b"content-type", b"application/octet-stream")]
+                if declared is not None:
+                    headers.append((b"content-length", str(declared).encode()))
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                for i, piece in enumerate(pieces):
+                    if await point(i):
+                        return
+                    more = not (case["last_closes"] and i == len(pieces) - 1)
+                    await send({"type": "http.response.body", "body": piece, "more_body": more})
+                if not case["last_closes"]:
+                    if await point(len(pieces)):
+                        return
+                    await send({"type": "http.response.body", "body": b""})
+            except OSError as exc:
+                # The caller left while the app was sending: its next
+                # receive() must say so.
+                probe.note("send-error", type(exc))
+                probe.note("after-send-error", await receive())
+                raise
+            await point("after")
+            # Complete: the next event is the disconnect (at once).
+            probe.note("end", await receive())
+        except BaseException as exc:
+            probe.note("raised", type(exc))
+            raise
+        finally:
+            probe.finish()
+
+    return app
+
+
+def _ar_read_once(resp, kind, size):
+    if kind == "read":
+        return resp.read(size)
+    if kind == "read1":
+        return resp.read1(size)
+    if kind == "readinto":
+        buf = bytearray(size)
+        return bytes(buf[:resp.readinto(buf)])
+    if kind == "readline":
+        return resp.readline()
+    return resp.read()
+
+
+def _ar_exchange(opener, url, timeout, plan, close_after):
+    """One request read as ``plan`` says; what the caller saw."""
+    out = {"status": None, "body": b"", "error": None, "eof": False, "closed_early": False}
+    try:
+        resp = opener.open(url, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        with err:
+            out["status"] = err.code
+            try:
+                out["body"] = err.read()
+            except AR_ALLOWED as exc:
+                out["error"] = exc
+        return out
+    except AR_ALLOWED as exc:
+        out["error"] = exc
+        return out
+    got = bytearray()
+    with resp:
+        out["status"] = resp.status
+        for i in itertools.count():
+            if close_after is not None and i == close_after:
+                out["closed_early"] = True
+                break
+            kind, size = plan[i % len(plan)]
+            try:
+                data = _ar_read_once(resp, kind, size)
+            except AR_ALLOWED as exc:
+                out["error"] = exc
+                break
+            if not data:
+                out["eof"] = True
+                break
+            got += data
+    out["body"] = bytes(got)
+    return out
+
+
+@pytest.mark.parametrize("seed", AR_SEEDS)
+def test_fault_random_asgi_response(seed):
+    case = _ar_fault_case(seed)
+    pieces, framing, declared = case["pieces"], case["framing"], case["declared"]
+    fault, stall = case["fault"], case["stall"]
+    full = b"".join(pieces)
+    # What a correct caller reads: all the app sends; with a Content-Length
+    # that is too small, the app's send fails once it passes it, and what a
+    # caller may read cleanly is at most the declared bytes.
+    expected = full[:declared] if framing == "under" else full
+    probe = _ar_Probe()
+    bridge = _ar_Bridge({"api": _ar_fault_app(case, probe)})
+    try:
+        out = _ar_call(lambda: _ar_exchange(bridge.opener, "inproc://api/r", case["timeout"],
+                                            case["plan"], case["close_after"]))
+        assert probe.wait_finished(), "the app task never finished (leak)"
+        assert _ar_tasks_drained(bridge) == 0, "request tasks left on the loop"
+    finally:
+        bridge.close()
+    assert not bridge.new_threads(), "close() left a thread"
+
+    summary = "case=%r status=%r got=%d/%d eof=%r closed_early=%r error=%r events=%r" % (
+        {k: v for k, v in case.items() if k != "pieces"}, out["status"], len(out["body"]),
+        len(expected), out["eof"], out["closed_early"], out["error"], probe.events)
+    errorish = (fault not in (None, "after") or stall is not None or framing in ("over", "under"))
+    if out["status"] == 500:
+        assert fault == -1 and stall != -1, summary
+        assert out["body"] == b"Internal Server Error" or out["body"].startswith(b"A server"), \
+            summary
+    elif stall == -1:
+        assert isinstance(out["error"], socket.timeout), summary
+        assert out["status"] is None, summary
+    else:
+        assert fault != -1, summary
+        assert out["status"] == 200, summary
+        body = out["body"]
+        if out["eof"]:
+            assert body == expected, "a clean end with the wrong bytes: " + summary
+            # A body that cannot reach its Content-Length never ends cleanly.
+            assert framing != "over", summary
+            # Nor does one whose app failed before completing it, when no
+            # Content-Length tells the caller where it ends.
+            midway = isinstance(fault, int) and (stall is None or stall > fault)
+            assert not (framing == "none" and midway), \
+                "the app failed midway, the caller saw a clean end: " + summary
+        else:
+            assert expected.startswith(body) or (framing == "under" and full.startswith(body)), \
+                "bytes the app never sent: " + summary
+            assert out["error"] is not None or out["closed_early"], summary
+        if out["error"] is not None:
+            assert isinstance(out["error"], AR_ALLOWED), summary
+            assert errorish, "an error from a well-behaved app: " + summary
+    # Whatever happened, the app's receive() said the caller was gone.
+    for kind in ("stall", "after-send-error", "end"):
+        for message in probe.details(kind):
+            assert message == {"type": "http.disconnect"}, summary
+    if probe.details("send-error"):
+        assert probe.details("send-error") == [BrokenPipeError], summary
+
+
+# ---------------------------------------------------------------------------
+# leak: sequential and abandoned ASGI requests drain the loop's task set
+# ---------------------------------------------------------------------------
+
+AR_LEAK_BOUND = 128 * 1024
+
+
+def _ar_sequential(count, warm=50):
+    parts = [b"alpha|", b"beta|" * 20, b"gamma"]
+    expected = b"".join(parts)
+
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain")]})
+        for part in parts:
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    bridge = _ar_Bridge({"api": app})
+    try:
+        def one():
+            with bridge.opener.open("inproc://api/seq", timeout=5) as resp:
+                assert resp.read() == expected
+
+        def run():
+            for _ in range(warm):
+                one()
+            assert _ar_tasks_drained(bridge) == 0
+            gc.collect()
+            tracemalloc.start()
+            try:
+                base = tracemalloc.get_traced_memory()[0]
+                for _ in range(count):
+                    one()
+                left = _ar_tasks_drained(bridge)
+                gc.collect()
+                return left, tracemalloc.get_traced_memory()[0] - base
+            finally:
+                tracemalloc.stop()
+
+        start = time.monotonic()
+        left, grown = _ar_call(run, timeout=90)
+        elapsed = time.monotonic() - start
+    finally:
+        bridge.close()
+    print("\nleak[asgi] %d sequential: memory %+d bytes, %.2f s" % (count, grown, elapsed))
+    assert left == 0, "%d request tasks left on the loop" % left
+    assert not bridge.new_threads(), "close() left a thread: %r" % bridge.new_threads(0)
+    assert grown < AR_LEAK_BOUND, "memory grew by %d bytes over %d requests" % (grown, count)
+
+
+def test_leak_asgi_sequential_requests_return_to_baseline():
+    _ar_sequential(2000)
+
+
+def test_leak_asgi_abandoned_burst_drains_the_task_set():
+    burst = 200
+    probe = _ar_Probe()
+
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        probe.start()
+        try:
+            await receive()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": AR_FIRST, "more_body": True})
+            # Streams until its caller leaves; then stops, as an SSE app does.
+            probe.tally("left", (await receive())["type"])
+        finally:
+            probe.finish()
+
+    bridge = _ar_Bridge({"api": app})
+    try:
+        def abandon_burst():
+            """Open ``burst`` streams at once, read a little of each and drop
+            them all unclosed; how many ran at once and how many tasks are left."""
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                resps = [bridge.opener.open("inproc://api/", timeout=5) for _ in range(burst)]
+                live = len(bridge.runner.tasks)
+                for resp in resps:
+                    assert resp.read(len(AR_FIRST)) == AR_FIRST
+                del resps, resp
+                gc.collect()
+            unclosed = [w for w in seen if issubclass(w.category, ResourceWarning)]
+            assert len(unclosed) == burst, [str(w.message) for w in seen][:5]
+            del seen, unclosed
+            return live, _ar_tasks_drained(bridge)
+
+        def run():
+            # Warm-up: one burst of the same size, untraced, so that what
+            # keeps its high-water size (the loop's task set, asyncio's
+            # weak set of all tasks, the ready deque) is not counted.
+            assert abandon_burst() == (burst, 0)
+            assert probe.wait_finished(burst)
+            gc.collect()
+            tracemalloc.start()
+            try:
+                base = tracemalloc.get_traced_memory()[0]
+                live, left = abandon_burst()
+                assert probe.wait_finished(2 * burst), "%d of %d apps released" % (
+                    probe.finished - burst, burst)
+                gc.collect()
+                return live, left, tracemalloc.get_traced_memory()[0] - base
+            finally:
+                tracemalloc.stop()
+
+        live, left, grown = _ar_call(run, timeout=60)
+    finally:
+        bridge.close()
+    print("\nleak[asgi] %d abandoned: memory %+d bytes" % (burst, grown))
+    assert live == burst, "%d of %d streams were running at once" % (live, burst)
+    assert left == 0, "%d request tasks left on the loop" % left
+    assert probe.tallies == {("left", "http.disconnect"): 2 * burst}, probe.tallies
+    assert not bridge.new_threads(), "close() left a thread: %r" % bridge.new_threads(0)
+    assert grown < AR_LEAK_BOUND, "memory grew by %d bytes after %d abandoned responses" % (
+        grown, burst)
+
+
+# ---------------------------------------------------------------------------
+# memory: bounded both ways on the loop
+# ---------------------------------------------------------------------------
+
+AR_BIG = 200 * AR_MIB
+AR_MEMORY_BOUND = 8 * AR_MIB
+
+
+@pytest.mark.heavy
+def test_memory_asgi_slow_reader_bounds_streamed_response():
+    sent = {}
+
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/octet-stream")]})
+        crc = size = 0
+        for chunk in _ar_fresh_chunks(AR_BIG):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        sent["size"], sent["crc"] = size, crc
+
+    bridge = _ar_Bridge({"api": app})
+    try:
+        def run():
+            gc.collect()
+            tracemalloc.start()
+            try:
+                base = tracemalloc.get_traced_memory()[0]
+                crc = size = 0
+                with bridge.opener.open("inproc://api/big", timeout=5) as resp:
+                    while True:
+                        data = resp.read(AR_PIECE)
+                        if not data:
+                            break
+                        crc = zlib.crc32(data, crc)
+                        size += len(data)
+                        time.sleep(0)  # a slow reader: it yields after every piece
+                return size, crc, tracemalloc.get_traced_memory()[1] - base
+            finally:
+                tracemalloc.stop()
+
+        start = time.monotonic()
+        size, crc, peak = _ar_call(run, timeout=120)
+        elapsed = time.monotonic() - start
+        assert _ar_tasks_drained(bridge) == 0
+    finally:
+        bridge.close()
+    print("\nmemory[asgi] response %d MiB: peak %.2f MiB in flight, %.1f s"
+          % (AR_BIG // AR_MIB, peak / AR_MIB, elapsed))
+    assert (size, crc) == (sent["size"], sent["crc"]) and size == AR_BIG
+    assert peak < AR_MEMORY_BOUND, "%d bytes in flight" % peak
+
+
+@pytest.mark.heavy
+def test_memory_asgi_slow_app_bounds_request_body():
+    received = {}
+
+    async def sink(scope, receive, send):
+        assert scope["type"] == "http"
+        crc = size = messages = 0
+        while True:
+            message = await receive()
+            assert message["type"] == "http.request", message
+            body = message.get("body", b"")
+            crc = zlib.crc32(body, crc)
+            size += len(body)
+            messages += 1
+            await asyncio.sleep(0)  # a slow app: it yields after every message
+            if not message.get("more_body"):
+                break
+        received.update(size=size, crc=crc, messages=messages)
+        answer = b"%d:%d" % (size, crc)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(answer)).encode())]})
+        await send({"type": "http.response.body", "body": answer})
+
+    sent = {"crc": 0, "size": 0}
+
+    def body():
+        for chunk in _ar_fresh_chunks(AR_BIG):
+            sent["crc"] = zlib.crc32(chunk, sent["crc"])
+            sent["size"] += len(chunk)
+            yield chunk
+
+    bridge = _ar_Bridge({"api": sink})
+    try:
+        def run():
+            gc.collect()
+            tracemalloc.start()
+            try:
+                base = tracemalloc.get_traced_memory()[0]
+                req = urllib.request.Request("inproc://api/sink", data=body(), method="POST")
+                with bridge.opener.open(req, timeout=5) as resp:
+                    answer = resp.read()
+                return answer, tracemalloc.get_traced_memory()[1] - base
+            finally:
+                tracemalloc.stop()
+
+        start = time.monotonic()
+        answer, peak = _ar_call(run, timeout=120)
+        elapsed = time.monotonic() - start
+        assert _ar_tasks_drained(bridge) == 0
+    finally:
+        bridge.close()
+    print("\nmemory[asgi] request %d MiB: peak %.2f MiB in flight, %d messages, %.1f s"
+          % (AR_BIG // AR_MIB, peak / AR_MIB, received["messages"], elapsed))
+    assert sent["size"] == AR_BIG
+    assert answer == b"%d:%d" % (sent["size"], sent["crc"])
+    assert received["messages"] > 1
+    assert peak < AR_MEMORY_BOUND, "%d bytes in flight" % peak
+
+
+# ---------------------------------------------------------------------------
+# load: many open ASGI streams on the one loop
+# ---------------------------------------------------------------------------
+
+
+def _ar_stream_parts(i):
+    rng = random.Random(i)
+    parts = []
+    for _ in range(rng.randint(1, 12)):
+        size = rng.choice((0, 1, 10, 500, 4096, 9000))
+        offset = rng.randrange(len(AR_SOURCE) - size + 1)
+        parts.append(AR_SOURCE[offset:offset + size])
+    return parts
+
+
+def _ar_load(count, readers):
+    gate = _ar_Gate()
+    probe = _ar_Probe()
+
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        probe.start()
+        try:
+            await receive()
+            i = int(scope["path"].rsplit("/", 1)[1])
+            parts = _ar_stream_parts(i)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"%d|" % i, "more_body": True})
+            await gate.wait()  # every stream is open before any goes on
+            for part in parts:
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            probe.finish()
+
+    bridge = _ar_Bridge({"api": app})
+    try:
+        def run():
+            resps = []
+            try:
+                for i in range(count):
+                    resps.append(bridge.opener.open("inproc://api/s/%d" % i, timeout=AR_WAIT))
+                live = len(bridge.runner.tasks)
+                gate.open()
+                bad = []
+
+                def reader(k):
+                    def read():
+                        mine = list(range(k, count, readers))
+                        got = {i: bytearray() for i in mine}
+                        # Round robin: a piece from each stream in turn.
+                        while mine:
+                            for i in list(mine):
+                                data = resps[i].read1(4096)
+                                if data:
+                                    got[i] += data
+                                else:
+                                    mine.remove(i)
+                        for i, data in got.items():
+                            if bytes(data) != b"%d|" % i + b"".join(_ar_stream_parts(i)):
+                                bad.append(i)
+
+                    return read
+
+                _ar_run_threads([reader(k) for k in range(readers)], timeout=60)
+                return live, bad
+            finally:
+                for resp in resps:
+                    resp.close()
+
+        start = time.monotonic()
+        live, bad = _ar_call(run, timeout=90)
+        elapsed = time.monotonic() - start
+        assert probe.wait_finished(count)
+        left = _ar_tasks_drained(bridge)
+    finally:
+        bridge.close()
+    print("\nload[asgi] %d open streams, %d readers: %.2f s" % (count, readers, elapsed))
+    assert live == count, "%d of %d streams were running at once" % (live, count)
+    assert not bad, "streams with wrong bytes: %r" % bad[:10]
+    assert left == 0
+    assert not bridge.new_threads(), "close() left a thread: %r" % bridge.new_threads(0)
+
+
+def test_load_asgi_500_open_streams_on_one_loop():
+    _ar_load(500, 8)
