@@ -5719,9 +5719,8 @@ def test_badinput_app_base_exception_is_contained(path, exc_type, when, caplog, 
 #: Upper bound for any wait in a passing test; a passing test waits far less.
 AR_WAIT = 10.0
 #: Watchdog for one whole exchange run in a client thread.
-AR_WATCHDOG = 30.0
 #: What a caller may see instead of its bytes: never a silent short body.
-AR_ALLOWED = (http.client.HTTPException, OSError)
+AR_ALLOWED = R_ALLOWED
 AR_MIB = 1 << 20
 AR_PIECE = 64 * 1024
 AR_FIRST = b"first|"
@@ -5770,56 +5769,6 @@ def _ar_tasks_drained(bridge, timeout=AR_WAIT):
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.002)
-
-
-def _ar_call(fn, timeout=AR_WATCHDOG):
-    """Run ``fn`` in a watchdog thread: its result, its exception, or a
-    failure if it is still running after ``timeout`` seconds (a hang)."""
-    box = {}
-
-    def run():
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # handed to the test
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="ar-client", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        pytest.fail("hang: the call did not finish within %s s" % timeout)
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
-def _ar_run_threads(targets, timeout=AR_WATCHDOG):
-    """Run each callable in its own thread; fail on a hang, re-raise the
-    first error."""
-    errors = []
-
-    def wrap(fn):
-        def run():
-            try:
-                fn()
-            except BaseException as exc:  # handed to the test
-                errors.append(exc)
-
-        return run
-
-    threads = [threading.Thread(target=wrap(fn), name="ar-client", daemon=True)
-               for fn in targets]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    alive = sum(thread.is_alive() for thread in threads)
-    if alive:
-        pytest.fail("hang: %d of %d threads still running after %s s"
-                    % (alive, len(threads), timeout))
-    if errors:
-        raise errors[0]
 
 
 class _ar_Gate:
@@ -5889,13 +5838,6 @@ class _ar_Probe:
             return self._cond.wait_for(lambda: self.finished >= n, timeout)
 
 
-def _ar_fresh_chunks(total, size=AR_PIECE):
-    """``total`` bytes as fresh ``size``-byte objects, made one at a time."""
-    filler = bytes(range(256)) * (size // 256)
-    for i in range(total // size):
-        yield i.to_bytes(8, "big") + filler[8:]
-
-
 async def _ar_receive_all(receive):
     """The whole request body; None if the client left first."""
     parts = []
@@ -5915,7 +5857,7 @@ async def _ar_receive_all(receive):
 AR_SIZES = (0, 0, 1, 2, 7, 100, 1000, 4096, 65536, 300000)
 AR_FLOOD = 1500000
 AR_READ_SIZES = (1, 5, 100, 4096, 65536, AR_MIB)
-AR_READ_KINDS = ("read", "read1", "readinto", "readline", "readall")
+AR_READ_KINDS = R_READ_KINDS
 AR_STALL_TIMEOUT = 0.25
 #: Seeds 0..AR_QUICK_SEEDS-1 run always, the rest with the heavy tests.
 AR_QUICK_SEEDS, AR_ALL_SEEDS = 8, 200
@@ -6014,56 +5956,6 @@ def _ar_fault_app(case, probe):
     return app
 
 
-def _ar_read_once(resp, kind, size):
-    if kind == "read":
-        return resp.read(size)
-    if kind == "read1":
-        return resp.read1(size)
-    if kind == "readinto":
-        buf = bytearray(size)
-        return bytes(buf[:resp.readinto(buf)])
-    if kind == "readline":
-        return resp.readline()
-    return resp.read()
-
-
-def _ar_exchange(opener, url, timeout, plan, close_after):
-    """One request read as ``plan`` says; what the caller saw."""
-    out = {"status": None, "body": b"", "error": None, "eof": False, "closed_early": False}
-    try:
-        resp = opener.open(url, timeout=timeout)
-    except urllib.error.HTTPError as err:
-        with err:
-            out["status"] = err.code
-            try:
-                out["body"] = err.read()
-            except AR_ALLOWED as exc:
-                out["error"] = exc
-        return out
-    except AR_ALLOWED as exc:
-        out["error"] = exc
-        return out
-    got = bytearray()
-    with resp:
-        out["status"] = resp.status
-        for i in itertools.count():
-            if close_after is not None and i == close_after:
-                out["closed_early"] = True
-                break
-            kind, size = plan[i % len(plan)]
-            try:
-                data = _ar_read_once(resp, kind, size)
-            except AR_ALLOWED as exc:
-                out["error"] = exc
-                break
-            if not data:
-                out["eof"] = True
-                break
-            got += data
-    out["body"] = bytes(got)
-    return out
-
-
 @pytest.mark.parametrize("seed", AR_SEEDS)
 def test_fault_random_asgi_response(seed):
     case = _ar_fault_case(seed)
@@ -6077,7 +5969,7 @@ def test_fault_random_asgi_response(seed):
     probe = _ar_Probe()
     bridge = _ar_Bridge({"api": _ar_fault_app(case, probe)})
     try:
-        out = _ar_call(lambda: _ar_exchange(bridge.opener, "inproc://api/r", case["timeout"],
+        out = _r_call(lambda: _r_exchange(bridge.opener, "inproc://api/r", case["timeout"],
                                             case["plan"], case["close_after"]))
         assert probe.wait_finished(), "the app task never finished (leak)"
         assert _ar_tasks_drained(bridge) == 0, "request tasks left on the loop"
@@ -6167,7 +6059,7 @@ def _ar_sequential(count, warm=50):
                 tracemalloc.stop()
 
         start = time.monotonic()
-        left, grown = _ar_call(run, timeout=90)
+        left, grown = _r_call(run, timeout=90)
         elapsed = time.monotonic() - start
     finally:
         bridge.close()
@@ -6233,7 +6125,7 @@ def test_leak_asgi_abandoned_burst_drains_the_task_set():
             finally:
                 tracemalloc.stop()
 
-        live, left, grown = _ar_call(run, timeout=60)
+        live, left, grown = _r_call(run, timeout=60)
     finally:
         bridge.close()
     print("\nleak[asgi] %d abandoned: memory %+d bytes" % (burst, grown))
@@ -6263,7 +6155,7 @@ def test_memory_asgi_slow_reader_bounds_streamed_response():
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/octet-stream")]})
         crc = size = 0
-        for chunk in _ar_fresh_chunks(AR_BIG):
+        for chunk in _r_fresh_chunks(AR_BIG):
             crc = zlib.crc32(chunk, crc)
             size += len(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -6291,7 +6183,7 @@ def test_memory_asgi_slow_reader_bounds_streamed_response():
                 tracemalloc.stop()
 
         start = time.monotonic()
-        size, crc, peak = _ar_call(run, timeout=120)
+        size, crc, peak = _r_call(run, timeout=120)
         elapsed = time.monotonic() - start
         assert _ar_tasks_drained(bridge) == 0
     finally:
@@ -6328,7 +6220,7 @@ def test_memory_asgi_slow_app_bounds_request_body():
     sent = {"crc": 0, "size": 0}
 
     def body():
-        for chunk in _ar_fresh_chunks(AR_BIG):
+        for chunk in _r_fresh_chunks(AR_BIG):
             sent["crc"] = zlib.crc32(chunk, sent["crc"])
             sent["size"] += len(chunk)
             yield chunk
@@ -6348,7 +6240,7 @@ def test_memory_asgi_slow_app_bounds_request_body():
                 tracemalloc.stop()
 
         start = time.monotonic()
-        answer, peak = _ar_call(run, timeout=120)
+        answer, peak = _r_call(run, timeout=120)
         elapsed = time.monotonic() - start
         assert _ar_tasks_drained(bridge) == 0
     finally:
@@ -6425,14 +6317,14 @@ def _ar_load(count, readers):
 
                     return read
 
-                _ar_run_threads([reader(k) for k in range(readers)], timeout=60)
+                _r_run_threads([reader(k) for k in range(readers)], timeout=60)
                 return live, bad
             finally:
                 for resp in resps:
                     resp.close()
 
         start = time.monotonic()
-        live, bad = _ar_call(run, timeout=90)
+        live, bad = _r_call(run, timeout=90)
         elapsed = time.monotonic() - start
         assert probe.wait_finished(count)
         left = _ar_tasks_drained(bridge)
