@@ -4102,6 +4102,27 @@ def _r_fresh_chunks(total, size=R_PIECE):
         yield i.to_bytes(8, "big") + filler[8:]
 
 
+def _r_slow_read_peak(opener, timeout):
+    """Read inproc://api/big slowly (yielding after every piece) under
+    tracemalloc: (bytes read, their crc32, peak bytes held beyond the start)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        crc = size = 0
+        with opener.open("inproc://api/big", timeout=timeout) as resp:
+            while True:
+                data = resp.read(R_PIECE)
+                if not data:
+                    break
+                crc = zlib.crc32(data, crc)
+                size += len(data)
+                time.sleep(0)  # a slow reader: it yields after every piece
+        return size, crc, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
 def _r_read_chunked(rfile, sizes, consume):
     """Decode a chunked request body from ``rfile``, reading pieces of at
     most ``next(sizes)`` bytes and handing each to ``consume``."""
@@ -4387,26 +4408,8 @@ def test_memory_slow_reader_bounds_streamed_response(path, r_pool):
 
     opener = _r_opener({"api": _r_stream_app(path, body, probe)})
 
-    def run():
-        gc.collect()
-        tracemalloc.start()
-        try:
-            base = tracemalloc.get_traced_memory()[0]
-            crc = size = 0
-            with opener.open("inproc://api/big", timeout=_r_timeout(path)) as resp:
-                while True:
-                    data = resp.read(R_PIECE)
-                    if not data:
-                        break
-                    crc = zlib.crc32(data, crc)
-                    size += len(data)
-                    time.sleep(0)  # a slow reader: it yields after every piece
-            return size, crc, tracemalloc.get_traced_memory()[1] - base
-        finally:
-            tracemalloc.stop()
-
     start = time.monotonic()
-    size, crc, peak = _r_call(run, timeout=120)
+    size, crc, peak = _r_call(lambda: _r_slow_read_peak(opener, _r_timeout(path)), timeout=120)
     print("\nmemory[%s] response %d MiB: peak %.2f MiB in flight, %.1f s"
           % (path, R_BIG // R_MIB, peak / R_MIB, time.monotonic() - start))
     assert (size, crc) == (sent["size"], sent["crc"]) and size == R_BIG
@@ -6164,26 +6167,8 @@ def test_memory_asgi_slow_reader_bounds_streamed_response():
 
     bridge = _ar_Bridge({"api": app})
     try:
-        def run():
-            gc.collect()
-            tracemalloc.start()
-            try:
-                base = tracemalloc.get_traced_memory()[0]
-                crc = size = 0
-                with bridge.opener.open("inproc://api/big", timeout=5) as resp:
-                    while True:
-                        data = resp.read(AR_PIECE)
-                        if not data:
-                            break
-                        crc = zlib.crc32(data, crc)
-                        size += len(data)
-                        time.sleep(0)  # a slow reader: it yields after every piece
-                return size, crc, tracemalloc.get_traced_memory()[1] - base
-            finally:
-                tracemalloc.stop()
-
         start = time.monotonic()
-        size, crc, peak = _r_call(run, timeout=120)
+        size, crc, peak = _r_call(lambda: _r_slow_read_peak(bridge.opener, 5), timeout=120)
         elapsed = time.monotonic() - start
         assert _ar_tasks_drained(bridge) == 0
     finally:
