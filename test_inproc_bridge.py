@@ -104,6 +104,149 @@ PATHS = [
 
 
 # ---------------------------------------------------------------------------
+# One app, every kind
+# ---------------------------------------------------------------------------
+# A behaviour every app kind shares runs on the four paths: a handler class,
+# a WSGI app in the caller's thread (no timeout), a WSGI app on a worker (a
+# timeout) and an ASGI app.  make_app() builds the same app for each kind from
+# one plain function, logic(req) -> (status, headers, chunks): req has
+# .method, .target (path and query), .headers (an HTTPMessage) and .body (the
+# whole request body, read as that kind of app reads it); chunks is iterated
+# lazily, each chunk sent (and flushed) as the kind sends a body part.
+
+APP_KINDS = ("handler", "wsgi-inline", "wsgi-worker", "asgi")
+KIND_TIMEOUT = {"handler": 5.0, "wsgi-inline": None, "wsgi-worker": 5.0, "asgi": 5.0}
+
+
+@pytest.fixture(params=APP_KINDS)
+def app_kind(request):
+    """One of the four paths; see make_app() and serve_kind()."""
+    return request.param
+
+
+class KindRequest:
+    """What make_app() hands its logic: the request as the app received it."""
+
+    def __init__(self, method, target, headers, body):
+        self.method, self.target, self.headers, self.body = method, target, headers, body
+
+
+_KIND_END = object()
+
+
+def _kind_status_line(status):
+    return "%d %s" % (status, http.client.responses.get(status, "Unknown"))
+
+
+def make_app(kind, logic):
+    """The app ``logic`` describes, as an app of ``kind`` (an APP_KINDS value)."""
+    if kind == "handler":
+
+        def serve(self):
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                body = _d_read_chunked(self.rfile)
+            else:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            status, headers, chunks = logic(
+                KindRequest(self.command, self.path, self.headers, body))
+            self.send_response(status)
+            names = {name.lower() for name, _ in headers}
+            chunked = "content-length" not in names and status >= 200 and status not in (204, 304)
+            for name, value in headers:
+                self.send_header(name, value)
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for chunk in chunks:
+                    if self.command == "HEAD" or not chunk:
+                        continue
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    self.wfile.flush()
+                if chunked and self.command != "HEAD":
+                    self.wfile.write(b"0\r\n\r\n")
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
+
+        methods = {"do_" + m: serve for m in ("GET", "POST", "PUT", "HEAD", "DELETE", "PATCH")}
+        return type("KindHandler", (QuietHandler,), dict(methods, protocol_version="HTTP/1.1"))
+    if kind in ("wsgi-inline", "wsgi-worker"):
+
+        def wsgi_app(environ, start_response):
+            target = environ["PATH_INFO"] + (
+                "?" + environ["QUERY_STRING"] if environ.get("QUERY_STRING") else "")
+            headers = http.client.HTTPMessage()
+            for key, value in environ.items():
+                if key.startswith("HTTP_"):
+                    headers[key[5:].replace("_", "-").title()] = value
+                elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+                    headers[key.replace("_", "-").title()] = value
+            body = _read_input(environ["wsgi.input"])
+            status, out, chunks = logic(
+                KindRequest(environ["REQUEST_METHOD"], target, headers, body))
+            start_response(_kind_status_line(status), list(out))
+            return chunks
+
+        return validator(wsgi_app)
+    if kind == "asgi":
+
+        async def asgi_app(scope, receive, send):
+            if scope["type"] != "http":
+                raise ValueError("http only")
+            parts = []
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                parts.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+            headers = http.client.HTTPMessage()
+            for name, value in scope["headers"]:
+                headers[name.decode("latin-1")] = value.decode("latin-1")
+            target = scope["raw_path"].decode("ascii") + (
+                "?" + scope["query_string"].decode("ascii") if scope["query_string"] else "")
+            status, out, chunks = logic(
+                KindRequest(scope["method"], target, headers, b"".join(parts)))
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(n.encode("latin-1"), v.encode("latin-1")) for n, v in out]})
+            # The logic's chunks may block (they wait on test events): take
+            # each on an executor thread, in the request's context, so the
+            # loop goes on serving.
+            loop = asyncio.get_running_loop()
+            ctx = contextvars.copy_context()
+            iterator = iter(chunks)
+            try:
+                while True:
+                    chunk = await loop.run_in_executor(None, ctx.run, next, iterator, _KIND_END)
+                    if chunk is _KIND_END:
+                        break
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
+
+        return asgi_app
+    raise ValueError("unknown app kind %r" % (kind,))
+
+
+@contextlib.contextmanager
+def serve_kind(kind, logic, name="app", **handler_kwargs):
+    """An opener over a fresh InProcHandler serving make_app(kind, logic) as
+    ``name``, and the timeout that selects the kind's path; the handler is
+    closed (its ASGI loop stopped) afterwards."""
+    bridge = ib.InProcHandler({name: make_app(kind, logic)}, **handler_kwargs)
+    try:
+        yield urllib.request.build_opener(bridge), KIND_TIMEOUT[kind]
+    finally:
+        bridge.close()
+
+
+# ---------------------------------------------------------------------------
 # Public surface
 # ---------------------------------------------------------------------------
 
