@@ -33,6 +33,7 @@ import http.client
 import http.server
 import io
 import logging
+import os
 import queue
 import re
 import socket
@@ -376,6 +377,7 @@ class BodyPipe(io.RawIOBase):
         self._writer_done = False
         self._timed_out = False
         self._on_close: Optional[Callable[[], None]] = None
+        self._generation = _fork_generation
 
     # -- writer side --------------------------------------------------------
 
@@ -388,6 +390,8 @@ class BodyPipe(io.RawIOBase):
         data = b if type(b) is bytes else memoryview(b).tobytes()
         if self._writer_done:
             raise ValueError("write to a pipe whose writer has finished")
+        if self._generation != _fork_generation:
+            raise _forked_away()
         if data:
             self._queue.push(data, self.write_timeout)
         return len(data)
@@ -399,6 +403,8 @@ class BodyPipe(io.RawIOBase):
         if self._writer_done:
             return
         self._writer_done = True
+        if self._generation != _fork_generation:
+            return  # nobody in this process reads it
         try:
             self._queue.push(_End(error), None, bounded=False)
         except BrokenPipeError:
@@ -424,6 +430,8 @@ class BodyPipe(io.RawIOBase):
             raise ValueError("read from a closed pipe")
         if self._timed_out:
             raise OSError("cannot read from timed out object")
+        if self._generation != _fork_generation:
+            raise _forked_away()
         try:
             items = self._queue.pull(limit, self.read_timeout)
         except socket.timeout:
@@ -468,6 +476,12 @@ class BodyPipe(io.RawIOBase):
         """Close the reading end (idempotent): the writer's next write raises
         ``BrokenPipeError``."""
         if not self.closed and hasattr(self, "_queue"):  # __init__ may have refused its args
+            if self._generation != _fork_generation:
+                # Made before fork(): its lock may be held by a thread that
+                # does not exist here, and no writer here waits on it.
+                self._on_close = None
+                super().close()
+                return
             self._queue.drop_reader()
             self._chunk = None
             on_close, self._on_close = self._on_close, None
@@ -485,6 +499,8 @@ class BodyPipe(io.RawIOBase):
         # goes back in front of the rest of the body.  On any failure the
         # reader closes: the caller never gets a response to close.
         try:
+            if self._generation != _fork_generation:
+                raise _forked_away()
             try:
                 (item,) = self._queue.pull(0, self.read_timeout)
             except socket.timeout:
@@ -536,7 +552,11 @@ class _Workers:
             thread = threading.Thread(
                 target=self._run, args=(job,), name="inproc_bridge-worker", daemon=True
             )
-            thread.start()
+            # An empty context, whoever asked first: where threads inherit
+            # their starter's context (3.14's thread_inherit_context) the
+            # pool must not keep the first request's.  Each job runs in its
+            # own request's context anyway.
+            contextvars.Context().run(thread.start)
         else:
             slot.job = job
             # A bare lock is the cheapest cross-thread wake-up CPython has.
@@ -568,6 +588,37 @@ class _Workers:
 
 
 _workers = _Workers()
+
+# fork() copies only the thread that called it: in the child, the workers,
+# the ASGI loops' threads and whatever app was writing into a pipe are gone,
+# and a lock one of them held stays held.  The child's first request must
+# not wait for them, so after fork the pool, the module's locks and every
+# ASGI loop start afresh, and a pipe made before the fork (it remembers the
+# generation) fails its reader and writer at once instead of waiting forever.
+_fork_generation = 0
+_loops: weakref.WeakSet[_ASGILoop] = weakref.WeakSet()
+_tables: weakref.WeakSet[_Mounts] = weakref.WeakSet()
+
+
+def _forked_away() -> ConnectionResetError:
+    return ConnectionResetError(
+        errno.ECONNRESET, "this in-process exchange began before fork(): its app's thread is not "
+        "in this process")
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation, _workers, _EVENT_LOCK
+    _fork_generation += 1
+    _workers = _Workers()
+    _EVENT_LOCK = threading.Lock()
+    for table in list(_tables):
+        table.after_fork()
+    for runner in list(_loops):
+        runner.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # ---------------------------------------------------------------------------
 # Server side: the http.server shim
@@ -726,7 +777,11 @@ class _HandlerRun:
     def abort(self) -> None:
         """The request failed before a response object took the pipe."""
         if self.inbound is not None:
-            self.inbound.close_writer()
+            # Sent in full (end_request() closed it) or cut short: then the
+            # app's rfile fails after the bytes that came, as a socket read
+            # does once the client went away -- never a clean EOF.
+            self.inbound.close_writer(ConnectionAbortedError(
+                errno.ECONNABORTED, "the caller went away before its request was sent"))
         self.outbound.close()
 
     # -- the worker's side ---------------------------------------------------
@@ -842,36 +897,71 @@ class _RequestBody(io.RawIOBase):
             self._text = False
         self._chunk = memoryview(b"")
 
+        self._cut = False  # detach() left part of the body with the caller
+
     def readable(self) -> bool:
         return True
+
+    def _next(self) -> Optional[bytes]:
+        """The caller's next chunk, or None at its end."""
+        chunks = self._chunks
+        if chunks is None:
+            return None
+        try:
+            item = next(chunks)
+            if self._text and isinstance(item, str):
+                item = item.encode("iso-8859-1")
+            elif isinstance(item, str) or not isinstance(item, (bytes, bytearray, memoryview)):
+                raise TypeError(
+                    "request body items must be bytes-like, not %s" % type(item).__name__
+                )
+        except StopIteration:
+            self._chunks = None
+            return None
+        except BaseException as exc:  # noqa: BLE001 - the caller's error, kept for the caller
+            self._chunks = None
+            self.error = exc
+            raise ConnectionAbortedError(
+                errno.ECONNABORTED, "the caller's request body failed: %r" % (exc,)
+            ) from None
+        return item if type(item) is bytes else bytes(item)
 
     def readinto(self, b: Any) -> int:
         view = memoryview(b).cast("B")
         while not len(self._chunk):
-            if self._chunks is None:
+            item = self._next()
+            if item is None:
+                if self._cut:
+                    raise ConnectionAbortedError(
+                        errno.ECONNABORTED, "the request body was cut off: the app read more "
+                        "than %d bytes of it after it began its response" % PIPE_LIMIT)
                 return 0
-            try:
-                item = next(self._chunks)
-                if self._text and isinstance(item, str):
-                    item = item.encode("iso-8859-1")
-                elif isinstance(item, str) or not isinstance(item, (bytes, bytearray, memoryview)):
-                    raise TypeError(
-                        "request body items must be bytes-like, not %s" % type(item).__name__
-                    )
-            except StopIteration:
-                self._chunks = None
-                return 0
-            except BaseException as exc:  # noqa: BLE001 - the caller's error, kept for the caller
-                self._chunks = None
-                self.error = exc
-                raise ConnectionAbortedError(
-                    errno.ECONNABORTED, "the caller's request body failed: %r" % (exc,)
-                ) from None
-            self._chunk = memoryview(item if type(item) is bytes else bytes(item))
+            self._chunk = memoryview(item)
         n = min(len(view), len(self._chunk))
         view[:n] = self._chunk[:n]
         self._chunk = self._chunk[n:]
         return n
+
+    def detach(self, limit: int) -> None:
+        """``open()`` is returning: take up to ``limit`` more bytes of the
+        caller's body into memory for the app, and never touch the caller's
+        object again.  What lies past that stays with the caller; an app that
+        reads on into it gets ``ConnectionAbortedError``, as a server's read
+        fails once its client went away mid-body -- never a clean EOF."""
+        parts: List[bytes] = []
+        size = 0
+        try:
+            while size < limit:
+                item = self._next()
+                if item is None:
+                    break
+                parts.append(item)
+                size += len(item)
+            else:
+                self._cut = self._chunks is not None
+        except ConnectionAbortedError:
+            pass  # kept in self.error for the caller
+        self._chunks = iter(parts)
 
 
 def _request_body(data: Any) -> Any:
@@ -892,6 +982,13 @@ def _request_body(data: Any) -> Any:
         raise TypeError(
             "data should be a bytes-like object or an iterable, got %r" % type(data)
         ) from None
+
+
+def _wire_value(value: str) -> str:
+    """A response header value as the caller would see it after http.client
+    parsed it off the wire: leading spaces and tabs go, trailing ones stay
+    (Django's ``Set-Cookie`` values start with a space)."""
+    return value.lstrip(" \t") if value[:1] in (" ", "\t") else value
 
 
 def _check_chunk(data: Any) -> bytes:
@@ -948,6 +1045,7 @@ class _WSGICall:
             raise ValueError("bad WSGI status %r: want a str like '200 OK'" % (status,))
         if type(headers) is not list:
             raise TypeError("WSGI response headers must be a list, not %s" % type(headers).__name__)
+        checked = []
         for item in headers:
             if type(item) is not tuple or len(item) != 2:
                 raise TypeError("WSGI response header %r is not a (name, value) tuple" % (item,))
@@ -958,8 +1056,9 @@ class _WSGICall:
                 raise ValueError("invalid WSGI response header %r" % (item,))
             if name.lower() in _HOP_BY_HOP:
                 raise ValueError("hop-by-hop header %r not allowed from a WSGI app" % (name,))
+            checked.append((name, _wire_value(value)))
         self.status = status
-        self.headers = list(headers)
+        self.headers = checked
         return self.write
 
     def write(self, data: bytes) -> None:
@@ -1015,7 +1114,13 @@ class _WSGICall:
                 return None
             if self.status is None:
                 raise RuntimeError("the WSGI app returned without calling start_response()")
+            try:
+                single = not self.wrote and len(self.result) == 1
+            except (TypeError, AttributeError, NotImplementedError):
+                single = False  # no usable length, as wsgiref takes it: sent as it comes
         except BaseException as exc:
+            # Whatever failed -- the app, iter(), the first next(), len() --
+            # nothing has reached the caller yet: wsgiref's logged 500.
             if self.head_sent:
                 raise
             _log_app_error(self.exchange, "before responding", exc)
@@ -1024,10 +1129,6 @@ class _WSGICall:
             self.headers = [("Content-Type", "text/plain")]
             self.pending = []
             return self._head(_ERROR_BODY, single=True)
-        try:
-            single = not self.wrote and len(self.result) == 1
-        except (TypeError, AttributeError, NotImplementedError):
-            single = False
         return self._head(first, single)
 
     def next_chunk(self) -> Optional[bytes]:
@@ -1065,15 +1166,16 @@ class _WSGICall:
             return
         self.closed = True
         self.iterator = None
-        close = getattr(self.result, "close", None)
-        if close is not None:
-            try:
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
                 close()
-            except BaseException as exc:  # noqa: BLE001
-                _log_app_error(self.exchange, "in its iterable's close()", exc)
+        except BaseException as exc:  # noqa: BLE001 - the caller's answer stands
+            _log_app_error(self.exchange, "in its iterable's close()", exc)
 
-    def pump(self, pipe: BodyPipe) -> None:
-        """The worker path: run the app and push its response into ``pipe``."""
+    def pump(self, pipe: BodyPipe, inbox: Optional[BodyPipe] = None) -> None:
+        """The worker path: run the app and push its response into ``pipe``;
+        ``inbox`` is the request body's pipe, if it streams."""
         self.sink = pipe
         try:
             head = self.begin()
@@ -1095,6 +1197,10 @@ class _WSGICall:
             pipe.close_writer()
         finally:
             self.close()
+            if inbox is not None:
+                # Request bytes nobody will read are dropped, as a socket's
+                # buffer would swallow them, so a caller still sending is freed.
+                inbox.close()
 
 
 class _PulledBody(io.RawIOBase):
@@ -1341,7 +1447,9 @@ class _ASGICall:
         self.started = self.finished = self.gone = False
         self.length: Optional[int] = None
         self.sent = 0
-        self._waiter: Any = None  # the future receive() sleeps on
+        # The futures receive() calls sleep on: every one wakes when the
+        # caller leaves (several tasks of one app may wait, as uvicorn allows).
+        self._waiters: List[Any] = []
 
     # -- the caller's side (any thread) ---------------------------------------
 
@@ -1355,7 +1463,11 @@ class _ASGICall:
 
     def _left(self) -> None:
         self.gone = True
-        _settle(self._waiter)
+        self._wake()
+
+    def _wake(self) -> None:
+        for future in self._waiters:
+            _settle(future)
 
     def refuse(self) -> None:
         """The bridge closed before this request started."""
@@ -1414,11 +1526,11 @@ class _ASGICall:
             pipe.close_writer()
 
     async def _sleep(self, future: Any) -> None:
-        self._waiter = future
+        self._waiters.append(future)
         try:
             await future
         finally:
-            self._waiter = None
+            self._waiters.remove(future)
 
     async def receive(self) -> Dict[str, Any]:
         if not (self.gone or self.finished):
@@ -1471,16 +1583,28 @@ class _ASGICall:
                     raise TypeError("ASGI response body must be bytes, not %s"
                                     % type(body).__name__)
                 body = bytes(body)
+            more = message.get("more_body", False)
+            if self.pipe.reader_closed and (more or not self._delivered(body)):
+                # ASGI HTTP spec 2.4: send() on a closed connection raises an
+                # OSError -- also when the body would not have been sent
+                # (HEAD, 204, 304), so an app streaming into the void learns.
+                raise BrokenPipeError(errno.EPIPE, "the caller has closed the response")
             if body and not self.no_body:
                 if self.length is not None:
                     self.sent += len(body)
                     if self.sent > self.length:
                         raise RuntimeError("ASGI app sent more than its Content-Length")
                 await self._push(body)
-            if not message.get("more_body", False):
+            elif more:
+                # Nothing queued, so nothing waited: yield to the loop all the
+                # same, or an app sending in a tight loop starves the others.
+                import asyncio
+
+                await asyncio.sleep(0)
+            if not more:
                 self.finished = True
                 self.pipe.close_writer()
-                _settle(self._waiter)
+                self._wake()
         elif kind == "http.response.start":
             if self.started:
                 raise RuntimeError("ASGI app sent http.response.start twice")
@@ -1488,6 +1612,12 @@ class _ASGICall:
             self.started = True
         else:
             raise ValueError("unexpected ASGI message type %r in an http scope" % (kind,))
+
+    def _delivered(self, body: bytes) -> bool:
+        """Whether the caller has had all it was going to get, so that a last,
+        empty message after it left is no error: no body was due (HEAD, 204,
+        304), or all of a Content-Length body was sent."""
+        return self.no_body or (not body and self.length is not None and self.sent >= self.length)
 
     def _head(self, message: Mapping[str, Any]) -> _Head:
         status = message["status"]
@@ -1505,6 +1635,7 @@ class _ASGICall:
                 raise ValueError("invalid ASGI response header %r" % (pair,))
             lower = name.lower()
             names.add(lower)
+            value = _wire_value(value)
             if lower == "content-length" and value.strip().isdigit():
                 self.length = int(value)
             headers.append((name, value))
@@ -1550,6 +1681,10 @@ class _Site:
         self._stopped: Any = None
         self._got_startup = False
         self._supported = False
+
+    def after_fork(self) -> None:
+        """In a forked child: the lifespan task lives on the parent's loop."""
+        self._task = None
 
     async def startup(self) -> None:
         import asyncio
@@ -1662,6 +1797,23 @@ class _ASGILoop:
         self.sites: Dict[int, _Site] = {}  # id(mounted app) -> its site
         self.tasks: Any = set()  # loop side: the requests running
         self.finalizer: Any = None  # set by _asgi_runner; calls close() once
+        self._stale: List[Any] = []  # loops of the parent, after a fork
+        _loops.add(self)
+
+    def after_fork(self) -> None:
+        """In a forked child: the loop's thread did not come along, so a new
+        loop starts on the next request.  The apps' lifespan startup ran in
+        the parent and its state came along; their shutdown is the parent's
+        to run.  The parent's loop is kept, never closed or collected here:
+        it still counts as running (in a thread this process does not
+        have), and collecting it would only warn."""
+        self._lock = threading.Lock()
+        if self.loop is not None:
+            self._stale.append(self.loop)
+        self.loop = self.thread = None
+        self.tasks = set()
+        for site in self.sites.values():
+            site.after_fork()
 
     def on_loop(self) -> bool:
         thread = self.thread
@@ -1677,7 +1829,7 @@ class _ASGILoop:
             loop = asyncio.new_event_loop()
             thread = threading.Thread(target=self._main, args=(loop,),
                                       name="inproc_bridge-asgi", daemon=True)
-            thread.start()
+            contextvars.Context().run(thread.start)  # as the workers: see _Workers.submit
             self.loop, self.thread = loop, thread
         return self.loop
 
@@ -1833,7 +1985,7 @@ def _asgi_scope(req: urllib.request.Request, exchange: _Exchange, site: _Site) -
     scheme = "https" if req.type == "https" else "http"
     scope: Dict[str, Any] = {
         "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
         "http_version": "1.1",
         "method": method,
         "scheme": scheme,
@@ -1852,13 +2004,11 @@ def _asgi_scope(req: urllib.request.Request, exchange: _Exchange, site: _Site) -
     return scope
 
 
-def _feed(call: _ASGICall, body: _RequestBody) -> None:
-    """Send a file or iterable request body to the app's ``receive()`` from
-    the caller's thread, as http.client sends one: before the response is
-    read, held back while the app does not read."""
-    inbox = call.inbox
-    if inbox is None:
-        return
+def _feed(inbox: BodyPipe, body: _RequestBody) -> None:
+    """Send a file or iterable request body into ``inbox`` (read by an app on
+    another thread) from the caller's thread, as http.client sends one:
+    before the response is read, held back while the app does not read.  So
+    nothing but the caller's thread ever touches the caller's body object."""
     view = memoryview(bytearray(_RECEIVE_LIMIT))
     try:
         while True:
@@ -1869,7 +2019,9 @@ def _feed(call: _ASGICall, body: _RequestBody) -> None:
     except BrokenPipeError:
         return  # the app finished without reading it all: dropped, as TCP would
     except BaseException as exc:
-        inbox.close_writer(ConnectionAbortedError(errno.ECONNABORTED, "the caller's body failed"))
+        inbox.close_writer(ConnectionAbortedError(
+            errno.ECONNABORTED, "the caller stopped sending its request body: %s: %s"
+            % (type(exc).__name__, exc)))
         if body.error is not None:
             raise body.error from None
         if isinstance(exc, socket.timeout):
@@ -1898,9 +2050,9 @@ def _serve_asgi(bridge: InProcHandler, req: urllib.request.Request, entry: _Entr
         call.body = body or b""
     runner.submit(call, ctx)
     pipe = call.pipe
-    if isinstance(body, _RequestBody):
+    if call.inbox is not None:
         try:
-            _feed(call, body)
+            _feed(call.inbox, body)
         except BaseException:
             pipe.close()
             raise
@@ -1966,11 +2118,24 @@ class _Mounts:
         self._lock = threading.Lock()
         self.table: Dict[Tuple[str, Optional[int]], _Entry] = {}
         self._asgi: Any = None  # the _ASGILoop, made on first ASGI mount
+        _tables.add(self)
+
+    def after_fork(self) -> None:
+        """In a forked child: a mount under way in another thread at fork
+        time left the lock held; the table itself was swapped whole."""
+        self._lock = threading.Lock()
 
     def add(self, name: str, app: Any, server: Any = None) -> None:
         if not isinstance(name, str):
             raise TypeError("mount name must be a str, not %s" % type(name).__name__)
-        key = _split_host(name)
+        try:
+            key = _split_host(name)
+        except BridgeError as exc:
+            raise ValueError(
+                "cannot mount %r (%s): a mount name is the host part of a URL -- ASCII, "
+                "no '/', '?', '#', '@' or spaces, an IPv6 address in brackets -- optionally "
+                "with ':port' (0-65535), e.g. 'api' or 'api.internal:8443'" % (name, exc.reason)
+            ) from None
         kind = _app_kind(app)
         if server is None and kind == "handler":
             server = _StubServer(key[0], key[1] or 80)
@@ -2170,9 +2335,11 @@ class _Response(http.client.HTTPResponse):
     would return short data quietly), and a response dropped unclosed warns
     (``ResourceWarning``) and releases the app, as an unclosed socket does."""
 
-    def begin(self) -> None:
+    def begin(self, *args: Any, **kwargs: Any) -> None:
+        # *args: 3.15's getresponse() passes _max_headers (HTTPConnection's
+        # max_response_headers) when one is set.
         try:
-            super().begin()
+            super().begin(*args, **kwargs)
         except BaseException:
             self.close()  # releases the app: the caller never gets this response
             raise
@@ -2255,19 +2422,18 @@ class _Connection(http.client.HTTPConnection):
             super().putheader(header, *values)
 
 
-# http.client's limits on a response head, applied to the heads the bridge
-# builds without it, so an app gets the same error on every path.
-_MAXLINE = 65536
-_MAXHEADERS = 100
-
-
 def _build_response(head: _Head, file: io.BufferedIOBase, req: urllib.request.Request) -> _Response:
     code, reason, headers, _ = head
+    # http.client's limits on a response head, applied to the heads the
+    # bridge builds without it, so an app gets the same error on every path.
+    # Read from http.client each time: they are its to change.
+    max_headers = getattr(http.client, "_MAXHEADERS", 100)
+    max_line = getattr(http.client, "_MAXLINE", 65536)
     try:
-        if len(headers) > _MAXHEADERS:
-            raise http.client.HTTPException("got more than %d headers" % _MAXHEADERS)
+        if len(headers) > max_headers:
+            raise http.client.HTTPException("got more than %d headers" % max_headers)
         for name, value in headers:
-            if len(name) + len(value) + 4 > _MAXLINE:
+            if len(name) + len(value) + 4 > max_line:
                 raise http.client.LineTooLong("header line")
     except http.client.HTTPException:
         file.close()  # releases the app
@@ -2517,6 +2683,11 @@ class InProcHandler(urllib.request.BaseHandler):
             head = ctx.run(call.begin)
             if head is None:  # only write() with a worker's pipe sends it early
                 raise RuntimeError("the WSGI app's head went missing")
+            if call.request_body is not None:
+                # What the app has not read yet of the caller's body: as over
+                # a socket, a bounded part of it waits for the app; the
+                # caller's object is not touched once open() returns.
+                call.request_body.detach(0 if call.single or method == "HEAD" else PIPE_LIMIT)
             if call.body_error is not None:
                 ctx.run(call.close)
                 raise call.body_error
@@ -2530,7 +2701,20 @@ class InProcHandler(urllib.request.BaseHandler):
         else:
             pipe = BodyPipe(read_timeout=timeout)
             pipe._on_close = exchange.leave
-            _workers.submit(lambda: ctx.run(call.pump, pipe))
+            body = call.request_body
+            inbox = None
+            if body is not None:
+                # The worker reads the body from a pipe the caller's thread
+                # fills: no bridge thread ever reads the caller's object.
+                inbox = BodyPipe(write_timeout=timeout)
+                call.environ["wsgi.input"] = io.BufferedReader(inbox)
+            _workers.submit(lambda: ctx.run(call.pump, pipe, inbox))
+            if inbox is not None and body is not None:
+                try:
+                    _feed(inbox, body)
+                except BaseException:
+                    pipe.close()
+                    raise
             head = pipe._take_head()
             if call.body_error is not None:
                 pipe.close()

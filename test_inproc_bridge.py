@@ -419,8 +419,13 @@ def test_mount_rejects_what_is_not_an_app():
     handler = ib.InProcHandler()
     with pytest.raises(TypeError):
         handler.mount("api", 42)
-    with pytest.raises(urllib.error.URLError):
+    with pytest.raises(ValueError, match=r"cannot mount 'bad host/'.*a mount name is"):
         handler.mount("bad host/", _wsgi())
+    for bad in ("x/y", "api@evil", "caf\u00e9", "api:99999", ""):
+        with pytest.raises(ValueError, match="cannot mount"):
+            handler.mount(bad, _wsgi())
+        with pytest.raises(ValueError, match="cannot mount"):
+            ib.OpenerFactory().mount(bad, _wsgi())
     with pytest.raises(KeyError):
         handler.unmount("never")
 
@@ -3193,7 +3198,7 @@ def test_asgi_scope_as_a_server_builds_it():
         factory.close()
     scope = seen[0]
     assert scope["type"] == "http"
-    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.3"}
+    assert scope["asgi"] == {"version": "3.0", "spec_version": "2.4"}
     assert scope["http_version"] == "1.1"
     assert scope["method"] == "PUT"
     assert scope["scheme"] == "http"
