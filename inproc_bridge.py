@@ -62,7 +62,7 @@ from typing import (
 )
 from wsgiref.util import FileWrapper
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     # urllib side
@@ -1214,6 +1214,7 @@ class _PulledBody(io.RawIOBase):
         self._ctx = ctx
         self._chunk = memoryview(first)
         self._done = False
+        self._generation = _fork_generation
 
     def readable(self) -> bool:
         return True
@@ -1221,6 +1222,10 @@ class _PulledBody(io.RawIOBase):
     def _next(self) -> bool:
         if self._done:
             return False
+        if self._generation != _fork_generation:
+            # Begun before fork(): the app is the parent's to go on with; a
+            # child that pulled it would run its side effects a second time.
+            raise _forked_away()
         call = self._call
         try:
             data = self._ctx.run(call.next_chunk)
@@ -1259,7 +1264,7 @@ class _PulledBody(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             call = self._call
-            if not call.closed:
+            if not call.closed and self._generation == _fork_generation:
                 call.exchange.leave()
                 self._ctx.run(call.close)
         super().close()
