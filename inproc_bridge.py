@@ -2746,6 +2746,7 @@ class OpenerFactory:
         for name, app in (apps or {}).items():
             self._mounts.add(name, app)
         self.intercept_http = intercept_http
+        self._tls: Any = None  # urllib's default HTTPSHandler, made on first use
 
     def mount(self, name: str, app: Any, *, server: Any = None) -> None:
         """Serve ``app`` as ``name`` on every opener of this factory."""
@@ -2770,7 +2771,27 @@ class OpenerFactory:
         bridge = InProcHandler(source=source, actor=actor, intercept_http=self.intercept_http)
         bridge._mounts = self._mounts
         bridge._owns_mounts = False  # the factory's close() owns the loop
-        return urllib.request.build_opener(bridge, *handlers)
+        return urllib.request.build_opener(bridge, *self._https_for(handlers), *handlers)
+
+    def _https_for(self, handlers: Tuple[Any, ...]) -> List[Any]:
+        """The HTTPS handler build_opener() would add, sharing one SSL context
+        across this factory's openers.  Since 3.12 every ``HTTPSHandler()``
+        makes its own default context (loading the CA store: ~20 ms on 3.13,
+        100 times a request), and a factory makes an opener per call site or
+        actor.  The context is the one urllib's own ``HTTPSHandler()`` made,
+        so its TLS settings are urllib's on every version; where that is
+        ``None`` (before 3.12: one per connection) nothing changes."""
+        cls = getattr(urllib.request, "HTTPSHandler", None)  # None without ssl
+        if cls is None or any(isinstance(h, cls) or (isinstance(h, type) and issubclass(h, cls))
+                              for h in handlers):
+            return []  # build_opener adds none either, or the caller brought one
+        template = self._tls
+        if template is None or type(template) is not cls:
+            template = self._tls = cls()
+        context = getattr(template, "_context", None)
+        if context is None:
+            return []
+        return [cls(context=context)]
 
 
 # ---------------------------------------------------------------------------

@@ -376,6 +376,49 @@ def test_factory_extra_handlers_join_the_opener():
     assert recorder.urls == ["inproc://api/x"]
 
 
+
+def _https_handlers(opener):
+    return [h for h in opener.handlers if isinstance(h, urllib.request.HTTPSHandler)]
+
+
+def _tls_settings(context):
+    """What decides how a TLS connection is made, comparable between contexts."""
+    if context is None:
+        return None
+    return (context.verify_mode, context.check_hostname, context.options,
+            context.minimum_version, context.maximum_version, context.verify_flags,
+            getattr(context, "post_handshake_auth", None), context.protocol,
+            len(context.get_ca_certs()))
+
+
+def test_factory_openers_have_urllibs_https_handler_with_its_tls_settings():
+    factory = ib.OpenerFactory({"api": _wsgi()})
+    first, second = factory.opener_for(), factory.opener_for(actor="other")
+    (one,), (two,) = _https_handlers(first), _https_handlers(second)
+    (plain,) = _https_handlers(urllib.request.build_opener())
+    assert one is not two and one.parent is first and two.parent is second
+    # The one SSL context urllib's default HTTPSHandler() makes (3.12+; None
+    # before, as in urllib), shared by the factory's openers.
+    assert (one._context is None) == (plain._context is None)
+    assert one._context is two._context
+    assert _tls_settings(one._context) == _tls_settings(plain._context)
+
+
+@pytest.mark.parametrize("given", ["instance", "class"])
+def test_factory_opener_keeps_the_callers_https_handler(given):
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    mine = urllib.request.HTTPSHandler(context=context)
+    opener = ib.OpenerFactory({"api": _wsgi()}).opener_for(
+        mine if given == "instance" else urllib.request.HTTPSHandler)
+    handlers = _https_handlers(opener)
+    assert len(handlers) == 1
+    if given == "instance":
+        assert handlers[0] is mine and handlers[0]._context is context
+
 def test_context_helpers_outside_a_request():
     assert ib.current_source() is None
     assert ib.current_actor() is None
