@@ -1800,7 +1800,7 @@ class _ASGILoop:
         self.closed = False  # close() was called: no new work
         self.closing = False  # loop side: the shutdown has begun
         self.sites: Dict[int, _Site] = {}  # id(mounted app) -> its site
-        self.tasks: Any = set()  # loop side: the requests running
+        self.tasks: Dict[Any, _ASGICall] = {}  # loop side: the requests running
         self.finalizer: Any = None  # set by _asgi_runner; calls close() once
         self._stale: List[Any] = []  # loops of the parent, after a fork
         _loops.add(self)
@@ -1816,7 +1816,7 @@ class _ASGILoop:
         if self.loop is not None:
             self._stale.append(self.loop)
         self.loop = self.thread = None
-        self.tasks = set()
+        self.tasks = {}
         for site in self.sites.values():
             site.after_fork()
 
@@ -1857,8 +1857,11 @@ class _ASGILoop:
             call.refuse()
             return
         task = self.loop.create_task(call.run())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks[task] = call
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: Any) -> None:
+        self.tasks.pop(task, None)
 
     def attach(self, app: Any, name: str) -> _Site:
         """The site for a newly mounted ``app``; its lifespan startup runs
@@ -1946,10 +1949,20 @@ class _ASGILoop:
         self.closing = True
         try:
             # Requests first, as a server drains its connections before the
-            # lifespan shutdown; then the lifespans; then what is left.
+            # lifespan shutdown; then the lifespans; then what is left.  An
+            # app whose response is complete may still be at work (a
+            # background task, its own cleanup): it gets the grace period,
+            # as a server's shutdown waits for it, before it is cancelled.
+            # One still answering is cancelled at once.
             requests = list(self.tasks)
+            answered = [task for task in requests if self.tasks[task].finished]
             for task in requests:
-                task.cancel()
+                if not self.tasks[task].finished:
+                    task.cancel()
+            if answered:
+                await asyncio.wait(answered, timeout=ASGI_CLOSE_GRACE)
+                for task in answered:
+                    task.cancel()
             if requests:
                 await asyncio.wait(requests, timeout=ASGI_CLOSE_GRACE)
             with self._lock:

@@ -3920,6 +3920,31 @@ def test_asgi_close_drops_requests_in_flight():
     assert record["cancelled"]
 
 
+def test_asgi_close_lets_an_answered_request_finish_its_work():
+    # Starlette's BackgroundTask, Django's response.close(): work after the
+    # response is complete.  A server's shutdown waits for it; so does close(),
+    # up to ASGI_CLOSE_GRACE.
+    record = {}
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            raise ValueError("http only")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+        try:
+            await asyncio.sleep(0.2)  # the app's own work, not the test's wait
+            record["after"] = "finished"
+        except asyncio.CancelledError:
+            record["after"] = "cancelled"
+            raise
+
+    with _a_opener({"api": app}) as (opener, handler):
+        with opener.open("inproc://api/", timeout=WAIT) as resp:
+            assert resp.read() == b"done"
+        handler.close()
+        assert record == {"after": "finished"}
+
+
 def test_asgi_loop_stops_when_the_bridge_is_collected():
     record = {}
 
