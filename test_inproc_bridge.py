@@ -21,11 +21,13 @@ import json
 import logging
 import multiprocessing
 import os
+import platform
 import random
 import select
 import signal
 import socket
 import socketserver
+import subprocess
 import sys
 import threading
 import time
@@ -1518,23 +1520,209 @@ def test_pipe_rejects_bad_arguments():
 # ---------------------------------------------------------------------------
 
 
-def test_selftest_runs_as_a_module():
-    import subprocess
+def _module_env():
+    """The environment for a child Python that must import this ib."""
+    return dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ib.__file__)))
 
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ib.__file__)))
+
+def _selftest_output(capsys, *argv):
+    status = ib.main(list(argv))
+    return status, capsys.readouterr().out.splitlines()
+
+
+def _check_lines(lines):
+    return [line for line in lines if line.startswith(("ok    ", "FAIL  "))]
+
+
+def _failing(name="a check that fails on purpose"):
+    def check(run):
+        ib._expect(("status", 500), ("status", 200), "what the failing check looked at")
+
+    return name, check
+
+
+def test_selftest_runs_as_a_module():
+    env = _module_env()
     done = subprocess.run([sys.executable, "-m", "inproc_bridge"], capture_output=True,
                           text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip().splitlines()[-1].endswith(" passed, 0 failed")
-    assert ib.__version__ in done.stdout.splitlines()[0]
-    assert subprocess.run([sys.executable, "-m", "inproc_bridge", "--help"], capture_output=True,
-                          timeout=120, env=env).returncode == 0
+    assert done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert lines[0] == "inproc_bridge %s self-test" % ib.__version__
+    assert lines[-1] == "%d passed, 0 failed" % len(ib._SELFTEST_CHECKS)
+    help_run = subprocess.run([sys.executable, "-m", "inproc_bridge", "--help"],
+                              capture_output=True, text=True, timeout=120, env=env)
+    assert help_run.returncode == 0
+    assert "--quiet" in help_run.stdout and "--verbose" in help_run.stdout
 
 
 def test_selftest_passes(capsys):
-    assert ib.main([]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1] == "%d passed, 0 failed" % (len(out) - 2)
+    status, lines = _selftest_output(capsys)
+    assert status == 0
+    checks = _check_lines(lines)
+    assert checks == ["ok    " + name for name, _ in ib._SELFTEST_CHECKS]
+    assert lines[-1] == "%d passed, 0 failed" % len(checks)
+
+
+def test_selftest_header_says_what_it_tests(capsys):
+    _, lines = _selftest_output(capsys)
+    assert lines[0] == "inproc_bridge %s self-test" % ib.__version__
+    assert lines[1] == "module: " + os.path.abspath(ib.__file__)
+    assert lines[2].startswith("python: %s %s" % (platform.python_implementation(),
+                                                  platform.python_version()))
+    assert sys.executable in lines[2]
+    header = lines[:lines.index(_check_lines(lines)[0])]
+    assert header == ib._selftest_header()
+    assert all(line.startswith(("inproc_bridge ", "module: ", "python: ", "note: "))
+               for line in header)
+
+
+def test_selftest_header_notes_a_checkout_that_shadows_another_copy(tmp_path):
+    # A checkout in the current directory shadows the copy on PYTHONPATH (as
+    # one would shadow an installed copy): the header must say so.
+    here = tmp_path / "checkout"
+    here.mkdir()
+    with open(ib.__file__, encoding="utf-8") as f:
+        (here / "inproc_bridge.py").write_text(f.read(), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "inproc_bridge", "-q"], cwd=str(here),
+                          capture_output=True, text=True, timeout=120, env=_module_env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["%d passed, 0 failed" % len(ib._SELFTEST_CHECKS)]
+    show = "import inproc_bridge as m; print(m.__file__); print(*m._selftest_header(), sep='\\n')"
+    note = subprocess.run(
+        [sys.executable, "-c", show],
+        cwd=str(here), capture_output=True, text=True, timeout=120, env=_module_env())
+    tested, *header = note.stdout.splitlines()
+    assert os.path.realpath(tested) == os.path.realpath(str(here / "inproc_bridge.py"))
+    assert header[-1].startswith("note: not the copy that `import inproc_bridge` finds ")
+    assert os.path.abspath(ib.__file__) in header[-1]
+    # From elsewhere, the copy on PYTHONPATH is the one tested, with no note.
+    done = subprocess.run([sys.executable, "-m", "inproc_bridge"], cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=120, env=_module_env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not any(line.startswith("note: ") for line in done.stdout.splitlines())
+
+
+def test_selftest_quiet_prints_only_the_final_line(capsys):
+    status, lines = _selftest_output(capsys, "-q")
+    assert status == 0
+    assert lines == ["%d passed, 0 failed" % len(ib._SELFTEST_CHECKS)]
+    status, long_form = _selftest_output(capsys, "--quiet")
+    assert (status, long_form) == (0, lines)
+
+
+def test_selftest_verbose_adds_timings_and_details(capsys):
+    status, lines = _selftest_output(capsys, "-v")
+    assert status == 0
+    checks = _check_lines(lines)
+    assert len(checks) == len(ib._SELFTEST_CHECKS)
+    for (name, _), line in zip(ib._SELFTEST_CHECKS, checks):
+        assert line.startswith("ok    " + name + "  (") and line.endswith(" ms)")
+        details = lines[lines.index(line) + 1]
+        assert details.startswith("      ") and details.strip()
+    assert lines[-2].startswith("%d checks in " % len(checks))
+    assert lines[-1] == "%d passed, 0 failed" % len(checks)
+    with pytest.raises(SystemExit):
+        ib.main(["-q", "-v"])  # one or the other
+    capsys.readouterr()
+
+
+def test_selftest_reports_expected_and_got(capsys, monkeypatch):
+    checks = list(ib._SELFTEST_CHECKS[:2])
+    checks.insert(1, _failing())
+    monkeypatch.setattr(ib, "_SELFTEST_CHECKS", checks)
+    status, lines = _selftest_output(capsys)
+    assert status == 1
+    at = lines.index("FAIL  a check that fails on purpose")
+    assert lines[at + 1] == ("      what the failing check looked at: expected ('status', 200), "
+                             "got ('status', 500)")
+    assert lines[at + 2] == "ok    " + checks[2][0]
+    assert lines[-1] == "2 passed, 1 failed"
+
+
+def test_selftest_quiet_shows_the_header_and_the_failures(capsys, monkeypatch):
+    monkeypatch.setattr(ib, "_SELFTEST_CHECKS", [ib._SELFTEST_CHECKS[0], _failing()])
+    status, lines = _selftest_output(capsys, "-q")
+    assert status == 1
+    header = ib._selftest_header()
+    assert lines == [
+        *header,
+        "FAIL  a check that fails on purpose",
+        "      what the failing check looked at: expected ('status', 200), got ('status', 500)",
+        "1 passed, 1 failed",
+    ]
+
+
+def test_selftest_reports_an_unexpected_exception(capsys, monkeypatch):
+    def check(run):
+        raise ValueError("not what a check should raise")
+
+    monkeypatch.setattr(ib, "_SELFTEST_CHECKS", [("a check that raises", check)])
+    status, lines = _selftest_output(capsys)
+    assert status == 1
+    assert lines[-3:] == [
+        "FAIL  a check that raises",
+        "      expected no exception, got ValueError: not what a check should raise",
+        "0 passed, 1 failed",
+    ]
+    status, lines = _selftest_output(capsys, "-v")  # and the traceback with -v
+    assert status == 1
+    assert "      Traceback (most recent call last):" in lines
+    assert "      ValueError: not what a check should raise" in lines
+
+
+def test_selftest_checks_are_quick_and_bounded():
+    results = ib._selftest()
+    assert [r.failure for r in results] == [None] * len(ib._SELFTEST_CHECKS)
+    assert sum(r.seconds for r in results) < 5.0, [(r.name, r.seconds) for r in results]
+
+
+class _ClosedPipe:
+    """A stdout whose reader has gone: every write raises BrokenPipeError."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self):
+        raise OSError("no file descriptor")
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["passing", "failing"])
+def test_selftest_exit_status_survives_a_closed_stdout(monkeypatch, fail):
+    checks = [ib._SELFTEST_CHECKS[0]] + ([_failing()] if fail else [])
+    monkeypatch.setattr(ib, "_SELFTEST_CHECKS", checks)
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    assert ib.main([]) == (1 if fail else 0)
+
+
+def test_selftest_head_1_prints_no_traceback():
+    # What `python -m inproc_bridge | head -1` does: read one line, close the pipe.
+    child = subprocess.Popen([sys.executable, "-m", "inproc_bridge"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=_module_env())
+    try:
+        first = child.stdout.readline()
+        child.stdout.close()
+        _, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert first == b"inproc_bridge %s self-test\n" % ib.__version__.encode()
+    assert err == b""
+    assert child.returncode == 0  # the checks' verdict, not the pipe's
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs bash and head")
+def test_selftest_piped_to_head_in_a_shell():
+    script = '"$0" -m inproc_bridge | head -1; echo "status ${PIPESTATUS[0]}"'
+    done = subprocess.run(["bash", "-c", script, sys.executable], capture_output=True,
+                          text=True, timeout=120, env=_module_env())
+    assert done.stderr == ""
+    assert done.stdout.splitlines() == ["inproc_bridge %s self-test" % ib.__version__,
+                                        "status 0"]
 
 
 # ---------------------------------------------------------------------------
