@@ -2357,10 +2357,70 @@ class _Response(http.client.HTTPResponse):
         # *args: 3.15's getresponse() passes _max_headers (HTTPConnection's
         # max_response_headers) when one is set.
         try:
-            super().begin(*args, **kwargs)
+            if args or kwargs or self.debuglevel or not self._begin_fast():
+                super().begin(*args, **kwargs)
         except BaseException:
             self.close()  # releases the app: the caller never gets this response
             raise
+
+    def _begin_fast(self) -> bool:
+        """What ``begin()`` does, for the plain head a handler class writes
+        -- ``HTTP/1.x NNN reason``, ``Name: value`` lines, all of it in the
+        first chunk -- without http.client's email-based parser (a third of
+        the caller's CPU work for a small request).  False, having read
+        nothing, for anything else: http.client then reads it as always, so
+        every unusual head still gets its exact treatment and errors."""
+        fp: Any = self.fp
+        data = fp.peek(1)
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        lines = data[:end].decode("latin-1").split("\r\n")
+        status = _STATUS_LINE.fullmatch(lines[0])
+        if status is None or status.group(2) == "100" or len(lines) > _max_headers() + 1:
+            return False  # 100 Continue: skipped by http.client's own loop
+        headers = []
+        for line in lines[1:]:
+            field = _HEADER_LINE.fullmatch(line)
+            if field is None:
+                return False  # obs-fold, a stray CR or LF, a name that is no token
+            headers.append(field.groups())
+        fp.read(end + 4)
+        version, code, reason = status.groups()
+        self.code = self.status = int(code)
+        self.reason = (reason or "").strip()
+        self.version = 10 if version == "HTTP/1.0" else 11
+        msg = http.client.HTTPMessage()
+        msg._headers = headers  # type: ignore[attr-defined]  # as _build_response
+        self.headers = self.msg = msg
+        # The rest is begin()'s, with the first of each header as msg.get()
+        # would find it.
+        first: Dict[str, str] = {}
+        for name, value in headers:
+            first.setdefault(name.lower(), value)
+        self.chunked = first.get("transfer-encoding", "").lower() == "chunked"
+        self.chunk_left = None
+        conn = first.get("connection", "").lower()
+        if self.version == 11:
+            self.will_close = "close" in conn
+        else:
+            self.will_close = not (first.get("keep-alive") or "keep-alive" in conn
+                                   or "keep-alive" in first.get("proxy-connection", "").lower())
+        self.length = None
+        length = first.get("content-length")
+        if length and not self.chunked:
+            try:
+                self.length = int(length)
+            except ValueError:
+                pass
+            else:
+                if self.length < 0:
+                    self.length = None
+        if self.status in (204, 304) or self.status < 200 or self._method == "HEAD":  # type: ignore[attr-defined]
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True
+        return True
 
     def _ended_short(self) -> None:
         if self.length and not self.chunked and self._method != "HEAD":  # type: ignore[attr-defined]
@@ -2440,12 +2500,24 @@ class _Connection(http.client.HTTPConnection):
             super().putheader(header, *values)
 
 
+# A head _Response reads without http.client's parser; anything else it
+# leaves to http.client.  Field values lose their leading spaces and tabs,
+# as http.client's parser strips them.
+_STATUS_LINE = re.compile(r"(HTTP/1\.[0-9]) ([1-9][0-9][0-9])(?: (.*))?")
+_HEADER_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)")
+
+
+def _max_headers() -> int:
+    # http.client's limits on a response head, applied to the heads the
+    # bridge reads without it, so an app gets the same error on every path.
+    # Read from http.client each time: they are its to change.
+    limit: int = getattr(http.client, "_MAXHEADERS", 100)
+    return limit
+
+
 def _build_response(head: _Head, file: io.BufferedIOBase, req: urllib.request.Request) -> _Response:
     code, reason, headers, _ = head
-    # http.client's limits on a response head, applied to the heads the
-    # bridge builds without it, so an app gets the same error on every path.
-    # Read from http.client each time: they are its to change.
-    max_headers = getattr(http.client, "_MAXHEADERS", 100)
+    max_headers = _max_headers()
     max_line = getattr(http.client, "_MAXLINE", 65536)
     try:
         if len(headers) > max_headers:
@@ -2463,7 +2535,7 @@ def _build_response(head: _Head, file: io.BufferedIOBase, req: urllib.request.Re
     # uses, without its per-header policy calls (~1 us a request).
     msg._headers = headers  # type: ignore[attr-defined]
     resp.version = 11
-    resp.status = resp.code = code  # type: ignore[attr-defined]  # begin() sets it
+    resp.status = resp.code = code  # begin() sets it
     resp.reason = reason
     resp.headers = resp.msg = msg
     resp.chunked = False
