@@ -2883,767 +2883,429 @@ class OpenerFactory:
 # Self-test and command line
 # ---------------------------------------------------------------------------
 #
-# ``python -m inproc_bridge`` serves a small app of every kind in-process --
-# a handler class, a WSGI app on both of its paths, an ASGI 3 app -- and
-# checks what a caller and the app see, with no network access and in well
-# under a second: the promises the tests hold, in a form a user can run on the
-# copy of the module that Python imports.  Its first lines say which copy that
-# is (the file, the Python), because run from a checkout it tests the checkout
-# even when another copy is installed.
-#
-# The checks are data: _SELFTEST_CHECKS is a list of (name, function) pairs,
-# run in order.  A function takes the run's _SelfTestRun (one OpenerFactory
-# serving the three apps, openers with and without call-site tags, and what
-# the apps reported), compares what it got with what it wanted through
-# _expect() -- which raises _CheckFailed naming both -- and returns a line or
-# two of details for ``--verbose``.  Every wait has a deadline
-# (_SELFTEST_WAIT): a broken bridge fails a check, it does not hang the run.
-# Only main() prints; the rest logs on the module's logger, if anything.
+# ``python -m inproc_bridge`` serves an app of every kind in-process (a handler
+# class, a WSGI app on both of its paths, an ASGI 3 app) and checks, with no
+# network, what caller and app see: the tests' promises, run on the copy of the
+# module that Python imports.  The apps share their routes (_selftest_answer);
+# each check is a method of _SelfTestRun named in _SELFTEST_CHECKS (one method
+# for a check made on several kinds of app) that compares what it got with what
+# it wanted through _expect() and returns details for --verbose.  Every wait
+# has a deadline: a broken bridge fails a check, it never hangs the run.
 
-#: Seconds any one wait of a self-test check gives up after.
-_SELFTEST_WAIT = 5.0
-
-#: The actor the self-test's tagged opener carries (and how it recognises the
-#: tracebacks its own failing apps log).
-_SELFTEST_ACTOR = "self-test"
-
-#: A context variable the self-test sets in the caller, for the apps to read.
-_SELFTEST_VAR: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "inproc_bridge_selftest", default="unset"
-)
-
-# Mount names of the self-test's apps, and the paths its requests take.
-_ST_HANDLER, _ST_WSGI, _ST_ASGI = "handler", "wsgi", "asgi"
+_SELFTEST_WAIT = 5.0  # seconds any one wait of a check gives up after
+_SELFTEST_ACTOR = "self-test"  # the tagged opener's; it marks what the apps log on purpose
+#: A context variable the caller sets, for the apps to read.
+_SELFTEST_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("inproc_bridge_selftest",
+                                                                    default="unset")
+_ST_HANDLER, _ST_WSGI, _ST_ASGI = "handler", "wsgi", "asgi"  # the apps' mount names
+# (label, mount name, timeout) for each of the four paths a request can take.
+_SELFTEST_PATHS = [("handler class", _ST_HANDLER, _SELFTEST_WAIT),
+                   ("WSGI without a timeout", _ST_WSGI, None),
+                   ("WSGI with a timeout", _ST_WSGI, _SELFTEST_WAIT),
+                   ("ASGI", _ST_ASGI, _SELFTEST_WAIT)]
 
 
 class _CheckFailed(Exception):
     """A self-test check got something other than what it wanted."""
 
 
-def _short(value: Any) -> str:
-    """``repr(value)``, cut to a readable length."""
-    import reprlib
-
-    short = reprlib.Repr()
-    short.maxstring = short.maxother = 160
-    return short.repr(value)
-
-
 def _expect(got: Any, want: Any, what: str) -> None:
     """Fail the check unless ``got == want``; the message names both."""
     if got != want:
-        raise _CheckFailed("%s: expected %s, got %s" % (what, _short(want), _short(got)))
+        import reprlib
+
+        short = reprlib.Repr()  # a body can be 100 kB: cut it to a readable length
+        short.maxstring = short.maxother = 160
+        raise _CheckFailed("%s: expected %s, got %s" % (what, short.repr(want), short.repr(got)))
 
 
-def _selftest_whoami(**more: Any) -> bytes:
-    """What a self-test app reports about the request it serves: the tags
-    read out of band, the caller's context variable, and ``more``."""
+def _eventually(get: Callable[[], Any]) -> Any:
+    """``get()``'s first true answer within _SELFTEST_WAIT seconds, else its last."""
+    deadline, got = time.monotonic() + _SELFTEST_WAIT, get()
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.002)
+        got = get()
+    return got
+
+
+def _selftest_answer(route: str, body: bytes, **saw: Any) -> Tuple[str, bytes]:
+    """``(Content-Type, body)`` on the routes all apps serve: ``/boom`` raises,
+    ``/echo`` echoes, any other is JSON of ``saw`` and what the app read out of band."""
     import json
 
+    if route == "/boom":
+        raise RuntimeError("self-test: an app error")
+    if route == "/echo":
+        return "application/octet-stream", body
     source = current_source()
-    seen = {
-        "source": source,
-        "source_type": type(source).__name__,
-        "actor": current_actor(),
-        "var": _SELFTEST_VAR.get(),
-    }
-    seen.update(more)
-    return json.dumps(seen, sort_keys=True).encode()
-
-
-def _selftest_thread() -> bytes:
-    thread = threading.current_thread()
-    return ("%d %s" % (thread.ident or 0, thread.name)).encode()
+    saw.update(source=source, source_type=type(source).__name__, actor=current_actor(),
+               var=_SELFTEST_VAR.get(), thread=threading.get_ident())
+    return "application/json", json.dumps(saw, sort_keys=True).encode()
 
 
 class _SelfTestHandler(http.server.BaseHTTPRequestHandler):
-    """The handler class the self-test serves; ``self.server`` is its run."""
+    """The handler class (its ``server`` is the run): ``/slow`` answers nothing;
+    ``/stream`` writes 3 events, each once the caller has read the last or left."""
 
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
         _log.debug("self-test handler: %s", format % args)
 
-    def _answer(self, body: bytes, content_type: str = "text/plain") -> None:
+    def do_GET(self) -> None:
+        run, path = cast("_SelfTestRun", self.server), self.path
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if path == "/slow":  # the caller's timeout passes first: the bridge must tell the app
+            run.saw["handler/slow"] = cancelled().wait(_SELFTEST_WAIT)
+            return
+        ctype, body = ("text/event-stream", b"") if path == "/stream" else _selftest_answer(
+            path, body, method=self.command, path=path, server=type(self.server).__name__)
         self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", ctype)
+        if path != "/stream":  # which has no length: it ends when the handler returns
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        run = cast("_SelfTestRun", self.server)
-        if self.path == "/boom":
-            raise RuntimeError("self-test: an app error")
-        if self.path == "/whoami":
-            self._answer(_selftest_whoami(), "application/json")
-            return
-        if self.path == "/slow":
-            # Never answers: the caller's timeout passes first, and the
-            # bridge must tell the app so.
-            if cancelled().wait(_SELFTEST_WAIT):
-                run.saw("slow-cancelled")
-            return
-        if self.path == "/sse":
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            gate = run.event("gate-sse")
-            for n in range(3):
+        for n in range(3 if path == "/stream" else 0):
+            try:
                 self.wfile.write(b"data: %d\n\n" % n)
                 self.wfile.flush()
-                # The next event only once the caller has read this one.
-                if n < 2:
-                    if not gate.wait(_SELFTEST_WAIT):
-                        return
-                    gate.clear()
-            return
-        if self.path == "/endless":
-            self.send_response(200)
-            self.end_headers()
-            deadline = time.monotonic() + _SELFTEST_WAIT
-            try:
-                while time.monotonic() < deadline:
-                    self.wfile.write(b"x" * 65536)
             except OSError as exc:
-                run.saw("endless", (type(exc).__name__, cancelled().is_set()))
+                run.saw["handler/stream"] = (type(exc).__name__, cancelled().is_set())
                 return
-            run.saw("endless", ("still writing after %s s" % _SELFTEST_WAIT, cancelled().is_set()))
-            return
-        self._answer(b"GET %s server=%s" % (
-            self.path.encode(), b"run" if isinstance(self.server, _SelfTestRun) else b"other"))
+            # The next event once the caller has read this one, or has left.
+            _eventually(lambda: run.saw.pop("read-handler", 0) or cancelled().is_set())
 
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self._answer(body, "application/octet-stream")
-
-
-class _SelfTestWSGI:
-    """The WSGI app the self-test serves."""
-
-    def __init__(self, run: _SelfTestRun) -> None:
-        self.run = run
-
-    def __call__(self, environ: Dict[str, Any],
-                 start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path, method = environ["PATH_INFO"], environ["REQUEST_METHOD"]
-        if path == "/boom":
-            raise RuntimeError("self-test: an app error")
-        if path == "/missing":
-            start_response("404 Not Found", [("Content-Type", "text/plain")])
-            return [b"no such thing"]
-        if path == "/thread":
-            body = _selftest_thread()
-        elif path == "/whoami":
-            body = _selftest_whoami(environ_source=environ.get("inproc.source"),
-                                    environ_actor=environ.get("inproc.actor"))
-        elif path == "/echo":
-            body = environ["wsgi.input"].read()
-        else:
-            body = ("wsgi %s %s scheme=%s host=%s" % (
-                method, path, environ["wsgi.url_scheme"], environ.get("HTTP_HOST"))).encode()
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [body]
-
-
-async def _selftest_wait(event: threading.Event) -> bool:
-    """``event.wait(_SELFTEST_WAIT)`` for a coroutine: polls, never blocks the loop."""
-    import asyncio
-
-    deadline = time.monotonic() + _SELFTEST_WAIT
-    while not event.is_set():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.001)
-    return True
-
-
-class _SelfTestASGI:
-    """The ASGI 3 app the self-test serves, lifespan included."""
-
-    def __init__(self, run: _SelfTestRun) -> None:
-        self.run = run
-
-    async def __call__(self, scope: Dict[str, Any], receive: Callable[..., Any],
-                       send: Callable[..., Any]) -> None:
-        import asyncio
-
-        run = self.run
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    scope["state"]["lifespan"] = run.next_lifespan()
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    run.saw("lifespan-shutdown-%s" % scope["state"].get("lifespan"))
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        path = scope["path"]
-        if path == "/boom":
-            raise RuntimeError("self-test: an app error")
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-
-        async def start(content_type: bytes = b"text/plain") -> None:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", content_type)]})
-
-        async def chunk(data: bytes, more_body: bool = True) -> None:
-            await send({"type": "http.response.body", "body": data, "more_body": more_body})
-
-        if path == "/stream":
-            await start(b"text/event-stream")
-            gate = run.event("gate-asgi")
-            for n in range(3):
-                await chunk(b"data: %d\n\n" % n)
-                if n < 2:
-                    if not await _selftest_wait(gate):
-                        break
-                    gate.clear()
-            await chunk(b"", False)
-        elif path == "/disconnect":
-            await start()
-            await chunk(b"first\n")
-            try:
-                message = await asyncio.wait_for(receive(), _SELFTEST_WAIT)
-                kind = message["type"]
-            except asyncio.TimeoutError:
-                kind = "nothing within %s s" % _SELFTEST_WAIT
-            try:
-                await chunk(b"too late\n")
-            except OSError as exc:
-                after = type(exc).__name__
-            else:
-                after = "no error"
-            run.saw("disconnect", (kind, after))
-        elif path == "/whoami":
-            tags = scope.get("extensions", {}).get("inproc", {})
-            await start(b"application/json")
-            await chunk(_selftest_whoami(scope_source=tags.get("source"),
-                                         scope_actor=tags.get("actor")), False)
-        elif path == "/echo":
-            await start(b"application/octet-stream")
-            await chunk(body, False)
-        else:
-            await start()
-            await chunk(("asgi %s %s lifespan=%s" % (
-                scope["method"], path, scope.get("state", {}).get("lifespan"))).encode(), False)
-
-
-class _SelfTestNetwork(urllib.error.URLError):
-    """A request the bridge left to urllib's own HTTP handlers."""
-
-
-class _SelfTestNoNetwork(urllib.request.BaseHandler):
-    """Stands in front of urllib's HTTP handlers in the interception checks:
-    a request the bridge leaves to the network stops here, so the self-test
-    never opens a connection or resolves a name."""
-
-    # After the bridge (90) and the proxy handler (100), before HTTPHandler (500).
-    handler_order = 400
-
-    def http_open(self, req: urllib.request.Request) -> Any:
-        raise _SelfTestNetwork("left to urllib's %s handler: %s" % (req.type, req.host))
-
-    https_open = http_open
-
-
-class _SelfTestLogs(logging.Filter):
-    """Takes, off the module's logger, the tracebacks that the self-test's
-    own failing apps log (it knows them by mount name and actor), so that an
-    expected traceback is checked rather than printed.  Every other record
-    goes on as usual."""
-
-    def __init__(self, names: Iterable[str]) -> None:
-        super().__init__()
-        self.names = set(names)
-        self.records: List[logging.LogRecord] = []
-        self._lock = threading.Lock()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args if isinstance(record.args, tuple) else ()
-        if (getattr(record, "inproc_actor", None) == _SELFTEST_ACTOR
-                and args[:1] and args[0] in self.names):
-            with self._lock:
-                self.records.append(record)
-            return False
-        return True
-
-    def wait_for(self, name: str) -> List[logging.LogRecord]:
-        """The records logged for mount ``name``, waiting a little for one."""
-        deadline = time.monotonic() + _SELFTEST_WAIT
-        while True:
-            with self._lock:
-                found = [r for r in self.records
-                         if isinstance(r.args, tuple) and r.args[:1] == (name,)]
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.002)
+    do_POST = do_GET
 
 
 class _SelfTestRun:
-    """One run of the self-test: the factory serving its apps (each mounted
-    on first use, after the openers were made: they must see later mounts),
-    an opener with call-site tags and one without, and what the apps
-    reported (``saw``/``seen``)."""
+    """The factory serving the apps, an opener with call-site tags and one
+    without, ``saw`` (what apps report and callers read, by key), the WSGI and
+    ASGI apps, and the checks."""
 
     def __init__(self) -> None:
-        self.factory = OpenerFactory()
-        self.apps: Dict[str, Any] = {
-            _ST_HANDLER: _SelfTestHandler,
-            _ST_WSGI: _SelfTestWSGI(self),
-            _ST_ASGI: _SelfTestASGI(self),
-        }
-        self._mounted: List[str] = []
-        self._lock = threading.Lock()  # guards what the apps report
-        self._mount_lock = threading.Lock()
-        self._events: Dict[str, threading.Event] = {}
-        self._seen: Dict[str, Any] = {}
-        self._lifespans = 0
-        self.asgi_lifespan = 0  # the number of the factory's ASGI app's startup
-        # opener_for() wants something mounted; the handler class is cheap.
-        self.url(_ST_HANDLER, "/")
+        self.factory, self.lock = OpenerFactory(), threading.Lock()
+        self.saw: Dict[str, Any] = {}
+        self.mounted: List[str] = []
+        self.url(_ST_HANDLER)  # opener_for() wants something mounted
         self.tagged = self.factory.opener_for(actor=_SELFTEST_ACTOR, source=SOURCE_AGENTS)
         self.untagged = self.factory.opener_for()
 
-    def url(self, kind: str, path: str) -> str:
-        """The ``inproc://`` URL of ``path`` on the app of ``kind``, mounted
-        first if it is not yet."""
-        # Not under self._lock: the ASGI app's lifespan startup, which
-        # mount() waits for, takes it on the loop's thread.
-        with self._mount_lock:
-            if kind not in self._mounted:
-                server = self if kind == _ST_HANDLER else None
-                self.factory.mount(kind, self.apps[kind], server=server)
-                self._mounted.append(kind)
-                if kind == _ST_ASGI:
-                    self.asgi_lifespan = self.lifespans  # its startup ran in mount()
+    def url(self, kind: str, path: str = "/whoami") -> str:
+        # Mounted on first use: after the openers were made (they must see
+        # later mounts), and in the check that needs it, failing if it fails.
+        with self.lock:
+            if kind not in self.mounted:  # server: the handler class's self.server
+                apps = {_ST_HANDLER: _SelfTestHandler, _ST_WSGI: self.wsgi, _ST_ASGI: self.asgi}
+                self.factory.mount(kind, apps[kind], server=self)
+                self.mounted.append(kind)
         return "inproc://%s%s" % (kind, path)
 
-    def fetch(self, url: str, data: Optional[bytes] = None, *,
+    def fetch(self, url: str, data: Optional[bytes] = None, *, ctype: Optional[str] = None,
               timeout: Optional[float] = _SELFTEST_WAIT, opener: Any = None,
               headers: Optional[Dict[str, str]] = None) -> Tuple[int, bytes]:
-        """``(status, body)`` of one request; an ``HTTPError`` is a response."""
+        """``(status, body)``, an ``HTTPError``'s too; the Content-Type checked if given."""
         req = urllib.request.Request(url, data=data, headers=headers or {})
         try:
             with (opener or self.tagged).open(req, timeout=timeout) as resp:
+                if ctype is not None:
+                    _expect(resp.headers["Content-Type"], ctype, "Content-Type from " + url)
                 return resp.status, resp.read()
         except urllib.error.HTTPError as err:
             with err:
                 return err.code, err.read()
 
-    def event(self, key: str) -> threading.Event:
-        with self._lock:
-            event = self._events.get(key)
-            if event is None:
-                event = self._events[key] = threading.Event()
-            return event
+    def whoami(self, url: str, **kwargs: Any) -> Dict[str, Any]:
+        """What the app at ``url`` saw of a GET (see _selftest_answer)."""
+        import json
 
-    def saw(self, key: str, value: Any = True) -> None:
-        """Called by an app: it observed ``value`` under ``key``."""
-        with self._lock:
-            self._seen[key] = value
-        self.event(key).set()
+        status, body = self.fetch(url, ctype="application/json", **kwargs)
+        _expect(status, 200, "status of GET " + url)
+        return cast(Dict[str, Any], json.loads(body))
 
-    def seen(self, key: str, what: str) -> Any:
-        """What an app reported under ``key``, waiting for it a little."""
-        if not self.event(key).wait(_SELFTEST_WAIT):
-            raise _CheckFailed("%s: expected the app to report it, got nothing within %s s"
-                               % (what, _SELFTEST_WAIT))
-        with self._lock:
-            return self._seen[key]
+    # -- the WSGI and the ASGI app ---------------------------------------------
 
-    def next_lifespan(self) -> int:
-        """Called by the ASGI app's lifespan startup: its number, from 1."""
-        with self._lock:
-            self._lifespans += 1
-            return self._lifespans
+    def wsgi(self, environ: Dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
+        """The shared routes, and ``/missing``."""
+        path = environ["PATH_INFO"]
+        if path == "/missing":
+            start("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"no such thing"]
+        ctype, body = _selftest_answer(
+            path, environ["wsgi.input"].read(), method=environ["REQUEST_METHOD"], path=path,
+            scheme=environ["wsgi.url_scheme"], host=environ.get("HTTP_HOST"),
+            app_source=environ.get("inproc.source"), app_actor=environ.get("inproc.actor"))
+        start("200 OK", [("Content-Type", ctype)])
+        return [body]
 
-    @property
-    def lifespans(self) -> int:
-        """How many lifespan startups the ASGI apps have run so far."""
-        with self._lock:
-            return self._lifespans
+    async def asgi(self, scope: Dict[str, Any], receive: Callable[..., Any],
+                   send: Callable[..., Any], label: str = _ST_ASGI) -> None:
+        """Its lifespan startup puts ``label`` in the state; ``/stream`` sends 3
+        events, each once the caller has read the last or left (receive() says)."""
+        import asyncio
 
-    def close(self) -> None:
-        # Let any app still waiting on a gate go, then stop the event loops.
-        with self._lock:
-            events = list(self._events.values())
-        for event in events:
-            event.set()
-        self.factory.close()
+        if scope["type"] == "lifespan":  # startup; shutdown once the bridge closes
+            while (await receive())["type"] == "lifespan.startup":
+                scope["state"]["lifespan"] = label
+                await send({"type": "lifespan.startup.complete"})
+            self.saw["shutdown-" + label] = True
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        request, more, path = b"", True, scope["path"]
+        while more:
+            message = await receive()
+            request, more = request + message.get("body", b""), message.get("more_body", False)
+        tags = scope.get("extensions", {}).get("inproc", {})
+        ctype, body = ("text/event-stream", b"") if path == "/stream" else _selftest_answer(
+            path, request, method=scope["method"], path=path, app_source=tags.get("source"),
+            app_actor=tags.get("actor"), lifespan=scope.get("state", {}).get("lifespan"))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", ctype.encode())]})
+        # The body is all in: what receive() says next is http.disconnect.
+        left = asyncio.ensure_future(receive())
+        try:
+            for n in range(3 if path == "/stream" else 0):
+                await send({"type": "http.response.body", "body": b"data: %d\n\n" % n,
+                            "more_body": True})
+                # The next event once the caller has read this one, or has left: polled,
+                # as a blocking wait would stall the loop that the caller's reads need.
+                deadline = time.monotonic() + _SELFTEST_WAIT
+                while not (self.saw.pop("read-asgi", 0) or left.done()
+                           or time.monotonic() > deadline):
+                    await asyncio.sleep(0.001)
+            await send({"type": "http.response.body", "body": body})
+        except OSError as exc:
+            self.saw["asgi/stream"] = (left.done() and left.result()["type"], type(exc).__name__)
+        finally:
+            left.cancel()
+
+    # -- the checks: each returns details for --verbose ------------------------
+
+    def exchange(self, kind: str, want: Optional[Dict[str, Any]] = None, size: int = 0,
+                 timeout: Optional[float] = _SELFTEST_WAIT) -> str:
+        # A GET, of which the app saw want (its "thread": the caller's or a
+        # worker); a POST echo of size bytes; a 404 from WSGI.
+        done = []
+        if want:
+            saw = self.whoami(self.url(kind, "/whoami?x=1"), timeout=timeout)
+            saw["thread"] = "the caller's" if saw["thread"] == threading.get_ident() else "a worker"
+            _expect({key: saw.get(key) for key in want}, want, "what the app saw of a GET")
+            done.append("GET: the app saw %s" % want)
+        if size:
+            payload = (bytes(range(256)) * (size // 256 + 1))[:size]
+            status, body = self.fetch(self.url(kind, "/echo"), payload, timeout=timeout)
+            _expect((status, len(body), body == payload), (200, size, True),
+                    "(status, length, the same bytes) of a %d-byte POST echo" % size)
+            done.append("POST: %d bytes echoed" % size)
+        if kind == _ST_WSGI:
+            _expect(self.fetch(self.url(kind, "/missing"), timeout=timeout),
+                    (404, b"no such thing"), "(HTTPError code, its body)")
+            done.append("404 as HTTPError")
+        return "; ".join(done)
+
+    def stream(self, kind: str, leave: bool = False) -> str:
+        # To the end, each event before the app may write the next; or (leave)
+        # close() after the first, and see what the app's next write did.
+        with self.tagged.open(self.url(kind, "/stream"), timeout=_SELFTEST_WAIT) as resp:
+            _expect(resp.headers["Content-Type"], "text/event-stream", "Content-Type")
+            for n in range(1 if leave else 3):
+                _expect(resp.readline() + resp.readline(), b"data: %d\n\n" % n,
+                        "event %d, read before the app may write event %d" % (n, n + 1))
+                if not leave:
+                    self.saw["read-" + kind] = True  # only now may the app write the next
+            if not leave:
+                _expect(resp.read(), b"", "the body after the last event")
+                return "3 events, each read while the app waited to write the next"
+        want, what = {
+            _ST_HANDLER: (("BrokenPipeError", True), "(what the write raised, cancelled())"),
+            _ST_ASGI: (("http.disconnect", "BrokenPipeError"), "(receive(), what send() raised)"),
+        }[kind]
+        _expect(_eventually(functools.partial(self.saw.get, kind + "/stream")), want,
+                what + " as the app saw them once the caller closed after the first event")
+        return "close() after the first event; then %s = %s" % (what, want)
+
+    def timeout(self) -> str:
+        url, started = self.url(_ST_HANDLER, "/slow"), time.monotonic()
+        try:
+            self.tagged.open(url, timeout=0.2).close()
+        except socket.timeout:
+            elapsed = time.monotonic() - started
+        else:
+            raise _CheckFailed("GET %s with timeout=0.2: expected socket.timeout, got a "
+                               "response" % url)
+        _expect(_eventually(functools.partial(self.saw.get, "handler/slow")), True,
+                "cancelled() set in the app once the caller timed out")
+        return "socket.timeout after %.0f ms; the app saw cancelled()" % (elapsed * 1000)
+
+    def lifespan(self) -> str:
+        life = InProcHandler({"life": functools.partial(self.asgi, label="life")})  # startup
+        try:
+            saw = self.whoami("inproc://life/whoami", opener=urllib.request.build_opener(life))
+            _expect(saw["lifespan"], "life", "the state the startup set, in the request's scope")
+        finally:
+            life.close()  # the shutdown runs here
+        _expect(_eventually(functools.partial(self.saw.get, "shutdown-life")), True,
+                "lifespan.shutdown ran when the bridge closed")
+        return "startup state reached the request; close() ran the shutdown"
+
+    def errors(self) -> str:
+        records: List[logging.LogRecord] = []
+
+        def take(record: logging.LogRecord) -> bool:  # this check's tracebacks: kept, not shown
+            if getattr(record, "inproc_actor", None) != _SELFTEST_ACTOR:
+                return True
+            records.append(record)
+            return False
+
+        _log.addFilter(take)
+        try:
+            statuses = [self.fetch(self.url(kind, "/boom"), timeout=timeout)[0]
+                        for _, kind, timeout in _SELFTEST_PATHS]
+            _eventually(lambda: len(records) >= len(_SELFTEST_PATHS))
+        finally:
+            _log.removeFilter(take)
+        _expect(statuses, [500] * len(_SELFTEST_PATHS), "statuses over the paths %s"
+                % [label for label, _, _ in _SELFTEST_PATHS])
+        _expect(sorted((r.levelname, r.args[0] if isinstance(r.args, tuple) else r.args,
+                        getattr(r, "inproc_source", None),
+                        type(r.exc_info[1] if r.exc_info else None).__name__) for r in records),
+                sorted(("ERROR", kind, SOURCE_AGENTS, "RuntimeError")
+                       for _, kind, _ in _SELFTEST_PATHS),
+                "(level, app, source, exception) of the records logged on %r" % _log.name)
+        return "500, and one ERROR record with the traceback and the source on %r" % _log.name
+
+    def read(self, var: Optional[str]) -> str:
+        # The tags given to opener_for(), not headers named like them, and the
+        # caller's context variable, set to var if given.
+        token = _SELFTEST_VAR.set(var) if var else None
+        forged = {"Source": "forged", "Actor": "forged", "Inproc-Source": "forged"}
+        try:
+            for opener, source, actor in ((self.tagged, SOURCE_AGENTS, _SELFTEST_ACTOR),
+                                          (self.untagged, None, None)):
+                for label, kind, timeout in _SELFTEST_PATHS:
+                    saw = self.whoami(self.url(kind), timeout=timeout, opener=opener,
+                                      headers=forged)
+                    want = {"source": source, "source_type": type(source).__name__,
+                            "actor": actor, "var": var or "unset"}
+                    if kind != _ST_HANDLER:  # WSGI's environ and ASGI's scope carry them too
+                        want.update(app_source=source, app_actor=actor)
+                    _expect({key: saw.get(key) for key in want}, want, "%s, opener_for("
+                            "source=%r, actor=%r): what the app read" % (label, source, actor))
+        finally:
+            if token is not None:
+                _SELFTEST_VAR.reset(token)
+        return ("current_source()/current_actor(), environ['inproc.*'] and scope['extensions']"
+                "['inproc'] as opener_for() gave them, whatever the headers; the ContextVar "
+                "as the caller had it: %r" % (var or "unset"))
+
+    def intercept(self, urls: List[str]) -> str:
+        # Nothing but the bridge in the opener: no proxies, no network (what
+        # the bridge leaves to urllib gets None).
+        opener = urllib.request.OpenerDirector()
+        opener.add_handler(InProcHandler({"api.internal": self.wsgi}, intercept_http=True))
+        for url in urls:
+            scheme, host = urllib.parse.urlsplit(url)[:2]
+            if host == "api.internal":
+                saw = self.whoami(url, opener=opener)
+                _expect((saw["scheme"], saw["host"]), (scheme, host),
+                        "(wsgi.url_scheme, Host) of GET %s, served in-process" % url)
+            else:
+                _expect(opener.open(url, timeout=_SELFTEST_WAIT), None,
+                        "the response to %s (None: the bridge left it to urllib)" % url)
+        return ", ".join(urls)
+
+    def unknown(self) -> str:
+        try:
+            self.tagged.open("inproc://nowhere/", timeout=_SELFTEST_WAIT).close()
+        except BridgeError as exc:
+            _expect((isinstance(exc, urllib.error.URLError), "'nowhere'" in str(exc.reason)),
+                    (True, True), "(a URLError, naming the mount: %s)" % exc.reason)
+            return "BridgeError: %s" % exc.reason
+        raise _CheckFailed("GET inproc://nowhere/: expected BridgeError, got a response")
+
+    def concurrency(self) -> str:
+        jobs = [(label, kind, timeout, b"%s request %d" % (label.encode(), n))
+                for label, kind, timeout in _SELFTEST_PATHS for n in range(6)]
+        answers: Dict[int, Any] = {}  # each thread sets only its own
+
+        def one(i: int, kind: str, timeout: Optional[float], payload: bytes) -> None:
+            try:
+                got: Any = self.fetch(self.url(kind, "/echo"), payload, timeout=timeout)
+            except Exception as exc:  # noqa: BLE001 - reported as what the check got
+                got = "%s: %s" % (type(exc).__name__, exc)
+            answers[i] = "ok" if got == (200, payload) else got
+
+        for i, job in enumerate(jobs):
+            threading.Thread(target=one, args=(i, *job[1:]), daemon=True,
+                             name="inproc_bridge-selftest-%d" % i).start()
+        _eventually(lambda: len(answers) == len(jobs))
+        _expect({"%s #%d" % (job[0], i): answers.get(i, "no answer within %s s" % _SELFTEST_WAIT)
+                 for i, job in enumerate(jobs) if answers.get(i) != "ok"}, {},
+                "requests that did not get their own answer")
+        return "%d simultaneous POST echoes over the four paths" % len(jobs)
 
 
 _Check = Callable[[_SelfTestRun], Optional[str]]
-
-# -- the checks: handler class ---------------------------------------------
-
-
-def _check_handler_get(run: _SelfTestRun) -> str:
-    url = run.url(_ST_HANDLER, "/hello?x=1")
-    with run.tagged.open(url, timeout=_SELFTEST_WAIT) as resp:
-        status, ctype, body = resp.status, resp.headers["Content-Type"], resp.read()
-    _expect(status, 200, "status of GET " + url)
-    _expect(ctype, "text/plain", "its Content-Type")
-    _expect(body, b"GET /hello?x=1 server=run", "its body")
-    return "GET %s -> %d %s %r" % (url, status, ctype, body)
-
-
-def _check_handler_post(run: _SelfTestRun) -> str:
-    payload = bytes(range(256)) * 64
-    url = run.url(_ST_HANDLER, "/echo")
-    status, body = run.fetch(url, payload)
-    _expect(status, 200, "status of POST " + url)
-    _expect(len(body), len(payload), "length of the echoed body")
-    _expect(body == payload, True, "echoed body equals the 16 KiB sent")
-    return "POST %s, %d bytes -> %d, the same %d bytes" % (url, len(payload), status, len(body))
-
-
-def _check_handler_sse(run: _SelfTestRun) -> str:
-    url = run.url(_ST_HANDLER, "/sse")
-    gate = run.event("gate-sse")
-    gate.clear()
-    with run.tagged.open(url, timeout=_SELFTEST_WAIT) as resp:
-        _expect(resp.headers["Content-Type"], "text/event-stream", "Content-Type")
-        for n in range(3):
-            _expect(resp.readline(), b"data: %d\n" % n, "event %d, read before the app may "
-                    "write event %d" % (n, n + 1))
-            _expect(resp.readline(), b"\n", "the blank line ending event %d" % n)
-            gate.set()  # only now may the app write the next event
-        _expect(resp.read(), b"", "the body after the last event")
-    return "3 events from %s, each read while the app waited to write the next" % url
-
-
-def _check_handler_timeout(run: _SelfTestRun) -> str:
-    url = run.url(_ST_HANDLER, "/slow")
-    started = time.monotonic()
-    try:
-        resp = run.tagged.open(url, timeout=0.2)
-    except socket.timeout:
-        elapsed = time.monotonic() - started
-    except Exception as exc:
-        raise _CheckFailed("GET %s with timeout=0.2: expected socket.timeout, got %s: %s"
-                           % (url, type(exc).__name__, exc)) from exc
-    else:
-        resp.close()
-        raise _CheckFailed("GET %s with timeout=0.2: expected socket.timeout, got a %d "
-                           "response" % (url, resp.status))
-    _expect(elapsed < _SELFTEST_WAIT, True, "socket.timeout raised within %s s" % _SELFTEST_WAIT)
-    run.seen("slow-cancelled", "cancelled() set in the app once the caller timed out")
-    return "socket.timeout after %.0f ms; the app saw cancelled()" % (elapsed * 1000)
-
-
-def _check_handler_close(run: _SelfTestRun) -> str:
-    url = run.url(_ST_HANDLER, "/endless")
-    resp = run.tagged.open(url, timeout=_SELFTEST_WAIT)
-    try:
-        _expect(len(resp.read(65536)), 65536, "bytes of the first read")
-    finally:
-        resp.close()
-    got = run.seen("endless", "what the app's next write raised after the caller closed")
-    _expect(got, ("BrokenPipeError", True),
-            "(the app's write error, cancelled().is_set()) after the caller closed")
-    return "after close(): the app's write raised %s, cancelled() was set" % got[0]
-
-
-# -- the checks: WSGI --------------------------------------------------------
-
-
-def _check_wsgi_inline(run: _SelfTestRun) -> str:
-    me = _selftest_thread()
-    status, body = run.fetch(run.url(_ST_WSGI, "/thread"), timeout=None)
-    _expect((status, body), (200, me), "(status, thread the app ran in) with no timeout")
-    status, body = run.fetch(run.url(_ST_WSGI, "/echo"), b"ada", timeout=None)
-    _expect((status, body), (200, b"ada"), "(status, body) of a POST echo")
-    status, body = run.fetch(run.url(_ST_WSGI, "/missing"), timeout=None)
-    _expect((status, body), (404, b"no such thing"), "(HTTPError code, its body)")
-    return "ran in the caller's thread %s; POST echo; 404 as HTTPError" % me.decode()
-
-
-def _check_wsgi_worker(run: _SelfTestRun) -> str:
-    me = _selftest_thread()
-    status, body = run.fetch(run.url(_ST_WSGI, "/thread"), timeout=_SELFTEST_WAIT)
-    _expect(status, 200, "status")
-    if body == me:
-        raise _CheckFailed("thread the app ran in with timeout=%s: expected a worker, got the "
-                           "caller's own (%s)" % (_SELFTEST_WAIT, me.decode()))
-    status, echoed = run.fetch(run.url(_ST_WSGI, "/echo"), b"ada", timeout=_SELFTEST_WAIT)
-    _expect((status, echoed), (200, b"ada"), "(status, body) of a POST echo")
-    return "ran on worker %s, not the caller's %s; POST echo" % (body.decode(), me.decode())
-
-
-# -- the checks: ASGI --------------------------------------------------------
-
-
-def _check_asgi_get(run: _SelfTestRun) -> str:
-    url = run.url(_ST_ASGI, "/hello")
-    want = b"asgi GET /hello lifespan=%d" % run.asgi_lifespan
-    status, body = run.fetch(url)
-    _expect((status, body), (200, want), "(status, body) of GET " + url)
-    status, echoed = run.fetch(run.url(_ST_ASGI, "/echo"), b"x" * 100_000)
-    _expect((status, len(echoed)), (200, 100_000), "(status, length) of a 100 kB POST echo")
-    return "GET %s -> %d %r; POST echo of 100 kB" % (url, status, body)
-
-
-def _check_asgi_stream(run: _SelfTestRun) -> str:
-    url = run.url(_ST_ASGI, "/stream")
-    gate = run.event("gate-asgi")
-    gate.clear()
-    with run.tagged.open(url, timeout=_SELFTEST_WAIT) as resp:
-        for n in range(3):
-            _expect(resp.readline(), b"data: %d\n" % n, "event %d, read before the app may "
-                    "send event %d" % (n, n + 1))
-            _expect(resp.readline(), b"\n", "the blank line ending event %d" % n)
-            gate.set()
-        _expect(resp.read(), b"", "the body after the last event")
-    return "3 events from %s, each read while the app waited to send the next" % url
-
-
-def _check_asgi_lifespan(run: _SelfTestRun) -> str:
-    bridge = InProcHandler({"life": _SelfTestASGI(run)})  # the startup runs here
-    number = run.lifespans  # the one just run
-    try:
-        status, body = run.fetch("inproc://life/hello",
-                                 opener=urllib.request.build_opener(bridge))
-        _expect((status, body), (200, b"asgi GET /hello lifespan=%d" % number),
-                "(status, body): the state the startup set, in the request's scope")
-    finally:
-        bridge.close()  # the shutdown runs here
-    run.seen("lifespan-shutdown-%d" % number, "lifespan.shutdown when the bridge closed")
-    return "startup state reached the request; close() ran the shutdown"
-
-
-def _check_asgi_disconnect(run: _SelfTestRun) -> str:
-    url = run.url(_ST_ASGI, "/disconnect")
-    resp = run.tagged.open(url, timeout=_SELFTEST_WAIT)
-    try:
-        _expect(resp.readline(), b"first\n", "the first chunk")
-    finally:
-        resp.close()
-    got = run.seen("disconnect", "what receive() returned after the caller closed")
-    _expect(got, ("http.disconnect", "BrokenPipeError"),
-            "(receive() after the caller closed, what a send() then raised)")
-    return "receive() -> %s, then send() raised %s" % got
-
-
-# -- the checks: every kind --------------------------------------------------
-
-# (label, mount name, timeout) for each of the four paths a request can take.
-_SELFTEST_PATHS = [
-    ("handler class", _ST_HANDLER, _SELFTEST_WAIT),
-    ("WSGI without a timeout", _ST_WSGI, None),
-    ("WSGI with a timeout", _ST_WSGI, _SELFTEST_WAIT),
-    ("ASGI", _ST_ASGI, _SELFTEST_WAIT),
-]
-
-
-def _check_errors(run: _SelfTestRun) -> str:
-    logs = _SelfTestLogs([_ST_HANDLER, _ST_WSGI, _ST_ASGI])
-    _log.addFilter(logs)
-    try:
-        for label, kind, timeout in _SELFTEST_PATHS:
-            status, _ = run.fetch(run.url(kind, "/boom"), timeout=timeout)
-            _expect(status, 500, "%s: status when the app raises" % label)
-            records = logs.wait_for(kind)
-            _expect(len(records), 1, "%s: tracebacks logged on logger %r" % (label, _log.name))
-            record = records[0]
-            _expect(record.levelname, "ERROR", "%s: level of that record" % label)
-            _expect(getattr(record, "inproc_source", None), SOURCE_AGENTS,
-                    "%s: source named in that record" % label)
-            exc_type = record.exc_info[0] if record.exc_info else None
-            _expect(getattr(exc_type, "__name__", None), "RuntimeError",
-                    "%s: exception in that record" % label)
-            with logs._lock:
-                logs.records.clear()
-    finally:
-        _log.removeFilter(logs)
-    return "500, and one ERROR record with the traceback and the source on logger %r: %s" % (
-        _log.name, "; ".join(label for label, _, _ in _SELFTEST_PATHS))
-
-
-def _check_tags(run: _SelfTestRun) -> str:
-    import json
-
-    forged = {"Source": "forged", "Actor": "forged", "Inproc-Source": "forged"}
-    for opener, source, actor in ((run.tagged, "agents", _SELFTEST_ACTOR),
-                                  (run.untagged, None, None)):
-        for label, kind, timeout in _SELFTEST_PATHS:
-            status, body = run.fetch(run.url(kind, "/whoami"), timeout=timeout, opener=opener,
-                                     headers=forged)
-            _expect(status, 200, "%s: status" % label)
-            want: Dict[str, Any] = {"source": source, "actor": actor,
-                                    "source_type": "NoneType" if source is None else "Source",
-                                    "var": "unset"}
-            if kind == _ST_WSGI:
-                want.update(environ_source=source, environ_actor=actor)
-            if kind == _ST_ASGI:
-                want.update(scope_source=source, scope_actor=actor)
-            _expect(json.loads(body), want, "%s, opener_for(source=%r, actor=%r): what the app "
-                    "read (headers named like the tags were sent too)" % (label, source, actor))
-    return ("current_source()/current_actor(), environ['inproc.*'] and "
-            "scope['extensions']['inproc'] as given to opener_for(); untouched by headers")
-
-
-def _check_context(run: _SelfTestRun) -> str:
-    import json
-
-    token = _SELFTEST_VAR.set("the caller's")
-    try:
-        for label, kind, timeout in _SELFTEST_PATHS:
-            status, body = run.fetch(run.url(kind, "/whoami"), timeout=timeout)
-            _expect((status, json.loads(body).get("var")), (200, "the caller's"),
-                    "%s: (status, the caller's context variable as the app read it)" % label)
-    finally:
-        _SELFTEST_VAR.reset(token)
-    return "a ContextVar the caller set was visible to every kind of app"
-
-
-def _check_intercept(run: _SelfTestRun) -> str:
-    bridge = InProcHandler({"api.internal": _SelfTestWSGI(run)}, intercept_http=True)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), bridge,
-                                         _SelfTestNoNetwork())
-    schemes = ["http", "https"] if hasattr(urllib.request, "HTTPSHandler") else ["http"]
-    for scheme in schemes:
-        url = "%s://api.internal/hello" % scheme
-        _expect(run.fetch(url, opener=opener),
-                (200, b"wsgi GET /hello scheme=%s host=api.internal" % scheme.encode()),
-                "(status, body) of GET %s, served in-process" % url)
-    return "%s to the mounted host api.internal served in-process" % " and ".join(schemes)
-
-
-def _check_intercept_others(run: _SelfTestRun) -> str:
-    bridge = InProcHandler({"api.internal": _SelfTestWSGI(run)}, intercept_http=True)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), bridge,
-                                         _SelfTestNoNetwork())
-    urls = ["http://elsewhere.invalid/", "https://api.internal.evil.invalid/",
-            "http://api.internal:8080/"]
-    for url in urls:
-        req = urllib.request.Request(url)
-        _expect(bridge.http_open(req), None, "the bridge's answer to %s (None: not its host)"
-                % url)
-        try:
-            resp = opener.open(url, timeout=_SELFTEST_WAIT)
-        except _SelfTestNetwork:
-            continue  # reached urllib's own handler, which the stand-in replaced
-        except Exception as exc:
-            raise _CheckFailed("GET %s: expected it left to urllib's HTTP handler, got %s: %s"
-                               % (url, type(exc).__name__, exc)) from exc
-        resp.close()
-        raise _CheckFailed("GET %s: expected it left to urllib's HTTP handler, got a %d "
-                           "response" % (url, resp.status))
-    return "left to urllib's own handlers (a stand-in here: no network): " + ", ".join(urls)
-
-
-def _check_unknown(run: _SelfTestRun) -> str:
-    url = "inproc://nowhere/"
-    try:
-        run.tagged.open(url, timeout=_SELFTEST_WAIT).close()
-    except BridgeError as exc:
-        _expect("'nowhere'" in str(exc), True, "the BridgeError names the mount (%s)" % exc)
-        _expect(isinstance(exc, urllib.error.URLError), True, "BridgeError is a URLError")
-        return "BridgeError: %s" % exc.reason
-    raise _CheckFailed("GET %s: expected BridgeError, got a response" % url)
-
-
-def _check_concurrency(run: _SelfTestRun) -> str:
-    results: Dict[Tuple[str, int], Any] = {}
-    lock = threading.Lock()
-    jobs = [(label, kind, timeout, n) for label, kind, timeout in _SELFTEST_PATHS
-            for n in range(6)]
-
-    def one(label: str, kind: str, timeout: Optional[float], n: int) -> None:
-        payload = b"%s request %d" % (label.encode(), n)
-        try:
-            got: Any = run.fetch(run.url(kind, "/echo"), payload, timeout=timeout)
-            if got == (200, payload):
-                got = "ok"
-        except Exception as exc:  # noqa: BLE001 - reported as what the check got
-            got = "%s: %s" % (type(exc).__name__, exc)
-        with lock:
-            results[(label, n)] = got
-
-    threads = [threading.Thread(target=one, args=job, name="inproc_bridge-selftest-%d" % i,
-                                daemon=True) for i, job in enumerate(jobs)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + _SELFTEST_WAIT
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    _expect(sum(thread.is_alive() for thread in threads), 0,
-            "requests still running after %s s" % _SELFTEST_WAIT)
-    with lock:
-        wrong = {key: got for key, got in results.items() if got != "ok"}
-    _expect(wrong, {}, "requests that did not get their own answer")
-    return "%d simultaneous POST echoes over the four paths" % len(jobs)
-
+_R, _at = _SelfTestRun, functools.partial  # short names, for the table below
 
 #: The self-test's checks, in the order they run: (what it checks, function).
 #: A function takes the run and returns details for --verbose (or None); it
 #: fails by raising (_expect raises _CheckFailed naming what it got).
 _SELFTEST_CHECKS: List[Tuple[str, _Check]] = [
-    ("handler class: GET; server= seen as self.server", _check_handler_get),
-    ("handler class: POST echo of 16 KiB", _check_handler_post),
-    ("handler class: SSE, each event read before the app writes the next", _check_handler_sse),
+    ("handler class: GET; server= seen as self.server", _at(_R.exchange, kind=_ST_HANDLER, want={
+        "method": "GET", "path": "/whoami?x=1", "server": _R.__name__})),
+    ("handler class: POST echo of 16 KiB", _at(_R.exchange, kind=_ST_HANDLER, size=16384)),
+    ("handler class: SSE, each event read before the app writes the next",
+     _at(_R.stream, kind=_ST_HANDLER)),
     ("handler class: timeout= before the headers: socket.timeout; the app sees cancelled()",
-     _check_handler_timeout),
+     _R.timeout),
     ("handler class: the caller's close() reaches the app (cancelled(), BrokenPipeError)",
-     _check_handler_close),
+     _at(_R.stream, kind=_ST_HANDLER, leave=True)),
     ("WSGI app, no timeout: runs in the caller's thread; POST; 404 as HTTPError",
-     _check_wsgi_inline),
-    ("WSGI app, timeout=5: runs on a worker thread; POST", _check_wsgi_worker),
-    ("ASGI app: GET and POST echo", _check_asgi_get),
+     _at(_R.exchange, kind=_ST_WSGI, want={"thread": "the caller's"}, size=3, timeout=None)),
+    ("WSGI app, timeout=5: runs on a worker thread; POST",
+     _at(_R.exchange, kind=_ST_WSGI, want={"thread": "a worker"}, size=3)),
+    ("ASGI app: GET and POST echo",
+     _at(_R.exchange, kind=_ST_ASGI, want={"method": "GET", "lifespan": _ST_ASGI}, size=100_000)),
     ("ASGI app: streamed response, each event read before the app sends the next",
-     _check_asgi_stream),
-    ("ASGI app: lifespan state reaches each request; close() runs the shutdown",
-     _check_asgi_lifespan),
+     _at(_R.stream, kind=_ST_ASGI)),
+    ("ASGI app: lifespan state reaches each request; close() runs the shutdown", _R.lifespan),
     ("ASGI app: http.disconnect after the caller closes; a later send() raises",
-     _check_asgi_disconnect),
+     _at(_R.stream, kind=_ST_ASGI, leave=True)),
     ("every app kind: an exception before responding is a 500, logged with the source",
-     _check_errors),
-    ("OpenerFactory: source and actor reach every app kind, out of band", _check_tags),
-    ("every app kind runs in a copy of the caller's contextvars context", _check_context),
+     _R.errors),
+    ("OpenerFactory: source and actor reach every app kind, out of band", _at(_R.read, var=None)),
+    ("every app kind runs in a copy of the caller's contextvars context",
+     _at(_R.read, var="the caller's")),
     ("intercept_http=True: http:// and https:// to a mounted host served in-process",
-     _check_intercept),
+     _at(_R.intercept, urls=["http://api.internal/whoami"] + (
+         ["https://api.internal/whoami"] if hasattr(urllib.request, "HTTPSHandler") else []))),
     ("intercept_http=True: other hosts and ports left to urllib (checked without network)",
-     _check_intercept_others),
-    ("an unknown mount name raises BridgeError naming it", _check_unknown),
-    ("24 concurrent requests over the four paths get their own answers", _check_concurrency),
+     _at(_R.intercept, urls=["http://elsewhere.invalid/", "https://api.internal.evil.invalid/",
+                             "http://api.internal:8080/"])),
+    ("an unknown mount name raises BridgeError naming it", _R.unknown),
+    ("24 concurrent requests over the four paths get their own answers", _R.concurrency),
     # TODO(maintainers): checks for intercept(), record= / Call, Fault and
     # drain() go here, as (name, function) pairs, once those features land.
 ]
+del _R, _at
+
+#: How one check went: ``failure`` (a str) is None when it passed; ``details``
+#: is what it returned, or the traceback; ``seconds`` how long it took.
+_CheckResult = collections.namedtuple("_CheckResult", "name failure details seconds")
 
 
-class _CheckResult:
-    """How one check went: ``failure`` is None when it passed."""
-
-    __slots__ = ("name", "failure", "details", "seconds")
-
-    def __init__(self, name: str, failure: Optional[str], details: str,
-                 seconds: float) -> None:
-        self.name = name
-        self.failure = failure
-        self.details = details
-        self.seconds = seconds
-
-
-def _selftest(checks: Optional[List[Tuple[str, _Check]]] = None,
-              report: Optional[Callable[[_CheckResult], None]] = None) -> List[_CheckResult]:
-    """Run ``checks`` (default: ``_SELFTEST_CHECKS``) in order and return how
-    each went; ``report`` is called with each result as soon as it is known."""
+def _selftest(report: Optional[Callable[[_CheckResult], None]] = None) -> List[_CheckResult]:
+    """Run _SELFTEST_CHECKS in order and return how each went; ``report`` is
+    called with each result as soon as it is known."""
     import traceback
 
     results: List[_CheckResult] = []
     run = _SelfTestRun()
     try:
-        for name, check in _SELFTEST_CHECKS if checks is None else checks:
-            started = time.perf_counter()
-            failure: Optional[str] = None
-            details = ""
+        for name, check in _SELFTEST_CHECKS:
+            started, failure, details = time.perf_counter(), None, ""
             try:
                 details = check(run) or ""
             except _CheckFailed as exc:
@@ -3651,81 +3313,73 @@ def _selftest(checks: Optional[List[Tuple[str, _Check]]] = None,
             except Exception as exc:  # noqa: BLE001 - a failed check is reported, not raised
                 failure = "expected no exception, got %s: %s" % (type(exc).__name__, exc)
                 details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            result = _CheckResult(name, failure, details, time.perf_counter() - started)
-            _log.debug("self-test check %r: %s", name, failure or "ok")
-            results.append(result)
+            results.append(_CheckResult(name, failure, details, time.perf_counter() - started))
             if report is not None:
-                report(result)
+                report(results[-1])
     finally:
-        run.close()
+        run.factory.close()
     return results
 
 
 def _selftest_header() -> List[str]:
-    """What the self-test tests: the module's version and file, the Python
-    running it, and a note when that file is not the copy this Python would
-    import from anywhere else."""
+    """The module's version and file, the Python running it, and a note when
+    that file is not the copy this Python finds from outside the current
+    directory (the installed one, or PYTHONPATH's)."""
+    import importlib.machinery
     import platform
     import sysconfig
 
-    path = os.path.abspath(__file__)
-    build = ""
+    path, build = os.path.abspath(__file__), ""
     if sysconfig.get_config_var("Py_GIL_DISABLED"):
         gil_enabled = getattr(sys, "_is_gil_enabled", None)
         build = ", free-threaded build, GIL %s" % (
             "enabled" if gil_enabled is None or gil_enabled() else "disabled")
-    lines = [
-        "inproc_bridge %s self-test" % __version__,
-        "module: %s" % path,
-        "python: %s %s%s (%s)" % (platform.python_implementation(),
-                                  platform.python_version(), build, sys.executable),
-    ]
-    note = _selftest_copy_note(path)
-    if note is not None:
-        lines.append("note: " + note)
-    return lines
-
-
-def _selftest_copy_note(path: str) -> Optional[str]:
-    """None when ``path`` is the copy of the module that this Python finds
-    on ``sys.path`` without the current directory (the installed one, or the
-    one on PYTHONPATH); else a sentence saying that it is not."""
-    import importlib.machinery
-
+    lines = ["inproc_bridge %s self-test" % __version__, "module: " + path,
+             "python: %s %s%s (%s)" % (platform.python_implementation(),
+                                       platform.python_version(), build, sys.executable)]
     try:
         here: Optional[str] = os.path.realpath(os.getcwd())
     except OSError:  # the current directory was removed: nothing can come from it
         here = None
-    elsewhere = [entry for entry in sys.path
-                 if here is None or os.path.realpath(entry or os.curdir) != here]
-    spec = importlib.machinery.PathFinder.find_spec("inproc_bridge", elsewhere)
+    spec = importlib.machinery.PathFinder.find_spec("inproc_bridge", [
+        entry for entry in sys.path if os.path.realpath(entry or os.curdir) != here])
     other = spec.origin if spec is not None else None
-    if other is not None and os.path.realpath(other) == os.path.realpath(path):
-        return None
     if other is None:
-        return ("not an installed copy: from outside the current directory, "
-                "`import inproc_bridge` finds none")
-    return ("not the copy that `import inproc_bridge` finds from outside the current "
-            "directory, which is %s (run from another directory to test that one)" % other)
+        lines.append("note: not an installed copy: from outside the current directory, "
+                     "`import inproc_bridge` finds none")
+    elif os.path.realpath(other) != os.path.realpath(path):
+        lines.append("note: not the copy that `import inproc_bridge` finds from outside the "
+                     "current directory, which is %s (run from another directory to test "
+                     "that one)" % other)
+    return lines
 
 
-class _SelfTestOutput:
-    """The self-test's report, written to stdout a line at a time.  When the
-    reader goes away (``python -m inproc_bridge | head -1``), the rest goes
-    to os.devnull, as the Python docs' "Note on SIGPIPE" advises: no
-    BrokenPipeError traceback, and the run goes on, so that its exit status
-    still says whether every check passed."""
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m inproc_bridge``: run the self-test; 0 when every check passes."""
+    import argparse
 
-    def __init__(self) -> None:
-        self.gone = False
+    parser = argparse.ArgumentParser(prog="python -m inproc_bridge", description=(
+        "Self-test of inproc_bridge %s: serves an app of every kind in-process, with no "
+        "network access, and prints which module file and Python it tests, a line per check "
+        "and 'N passed, M failed'. It exits 0 only if every check passed." % __version__))
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="print only the final "
+                          "line, and failed checks after the header lines")
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="also print each check's time and what it saw")
+    args = parser.parse_args(argv)
+    header, gone = _selftest_header(), False
 
-    def line(self, text: str) -> None:
-        if self.gone:
-            return
+    def out(*lines: str) -> None:
+        nonlocal gone
         try:
-            print(text, flush=True)
+            for line in lines if not gone else ():
+                print(line, flush=True)
         except BrokenPipeError:
-            self.gone = True
+            # The reader went away (``| head -1``): the rest goes to os.devnull, as
+            # the Python docs' "Note on SIGPIPE" advise, so that no traceback shows
+            # and the run goes on to an exit status that says how the checks went.
+            gone = True
             try:
                 fileno = sys.stdout.fileno()
             except (AttributeError, OSError, ValueError):
@@ -3736,79 +3390,42 @@ class _SelfTestOutput:
             finally:
                 os.close(devnull)
 
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m inproc_bridge``: run the self-test; 0 when every check passes."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m inproc_bridge",
-        description="Self-test of inproc_bridge %s: serves a handler class, a WSGI app (in "
-                    "the caller's thread and on a worker) and an ASGI 3 app in-process, "
-                    "and checks requests and streaming, errors, timeouts, cancellation, "
-                    "lifespan, interception of http(s):// hosts, call-site tags and "
-                    "concurrency, with no network access. It first says which module file "
-                    "and which Python it tests, then prints one line per check and "
-                    "'N passed, M failed'; it exits 0 only if every check passed."
-                    % __version__,
-    )
-    loudness = parser.add_mutually_exclusive_group()
-    loudness.add_argument("-q", "--quiet", action="store_true",
-                          help="print only the final line, and failed checks (after the "
-                               "header lines, so a failure says what it tested)")
-    loudness.add_argument("-v", "--verbose", action="store_true",
-                          help="also print each check's time and what it saw")
-    args = parser.parse_args(argv)
-
-    out = _SelfTestOutput()
-    header = _selftest_header()
-    header_shown = False
-
-    def show_header() -> None:
-        nonlocal header_shown
-        if not header_shown:
-            header_shown = True
-            for line in header:
-                out.line(line)
-
     def report(result: _CheckResult) -> None:
+        nonlocal header
         if args.quiet and result.failure is None:
             return
-        show_header()
+        out(*header)  # once, before the first line: what a failure is a failure of
+        header = []
         timing = "  (%.1f ms)" % (result.seconds * 1000) if args.verbose else ""
-        out.line("%s  %s%s" % ("ok  " if result.failure is None else "FAIL", result.name,
-                                timing))
-        if result.failure is not None:
-            out.line("      " + result.failure)
-        if args.verbose and result.details:
-            for detail in result.details.rstrip("\n").splitlines():
-                out.line("      " + detail)
+        out("%s  %s%s" % ("ok  " if result.failure is None else "FAIL", result.name, timing))
+        more = [result.failure] if result.failure is not None else []
+        more += result.details.rstrip("\n").splitlines() if args.verbose else []
+        out(*("      " + line for line in more))
 
     if not args.quiet:
-        show_header()
+        out(*header)
+        header = []
     started = time.perf_counter()
-    results = _selftest(report=report)
+    results = _selftest(report)
     failed = sum(1 for result in results if result.failure is not None)
     if args.verbose:
-        out.line("%d checks in %.2f s" % (len(results), time.perf_counter() - started))
-    out.line("%d passed, %d failed" % (len(results) - failed, failed))
+        out("%d checks in %.2f s" % (len(results), time.perf_counter() - started))
+    out("%d passed, %d failed" % (len(results) - failed, failed))
     return 1 if failed else 0
 
 
 def _main_as_imported() -> int:
-    """``python -m inproc_bridge`` runs this file as ``__main__``; run the
-    checks on the module as code imports it instead (its logger is then
-    ``inproc_bridge``, its classes and state the ones apps use), provided
-    that the import finds this same file."""
+    """``python -m inproc_bridge`` runs this file as ``__main__``: run the
+    checks on the module as code imports it (its logger, its classes and
+    state) if that import finds this same file."""
     import importlib
 
     try:
         module: Any = importlib.import_module("inproc_bridge")
     except ImportError:
         return main()
-    if os.path.realpath(getattr(module, "__file__", "") or "") != os.path.realpath(__file__):
-        return main()
-    return module.main()  # type: ignore[no-any-return]
+    same = os.path.realpath(getattr(module, "__file__", "") or "") == os.path.realpath(__file__)
+    return int(module.main()) if same else main()
 
 
 if __name__ == "__main__":
