@@ -90,9 +90,6 @@ ASGI_FAULT_SIZES = (0, 0, 1, 2, 7, 100, 1000, 4096, 65536, 300000)
 FLOOD = 1500000
 #: Seeds 0..ASGI_QUICK_SEEDS-1 run always, the rest with the heavy tests.
 ASGI_QUICK_SEEDS, ASGI_ALL_SEEDS = 8, 200
-ASGI_FAULT_SEEDS = [*range(ASGI_QUICK_SEEDS),
-                    *(pytest.param(seed, marks=pytest.mark.heavy)
-                      for seed in range(ASGI_QUICK_SEEDS, ASGI_ALL_SEEDS))]
 LEAK_BOUND = 128 * 1024
 # fork: the parent serves one request of the kind first (on the worker paths
 # until its worker is idle in the pool); each child arms a watchdog that calls
@@ -166,8 +163,9 @@ def kind_timeout(app_kind):
 
 @pytest.fixture
 def route_app(app_kind):
-    """(factory of the routing app for ``app_kind``, its timeout); not ASGI."""
-    return (_route_handler if app_kind == "handler" else _route_wsgi), KIND_TIMEOUT[app_kind]
+    """(factory of the routing app for ``app_kind``, its timeout)."""
+    make = {"handler": _route_handler, "asgi": _route_asgi}.get(app_kind, _route_wsgi)
+    return make, KIND_TIMEOUT[app_kind]
 
 
 class KindRequest:
@@ -427,6 +425,25 @@ class _ClosingResult:
             self._probe.finish()
 
 
+def _probed(probe):
+    """A decorator for an ASGI http app: ``probe`` counts its start and its
+    finish, whatever ends it."""
+
+    def wrap(app):
+        @functools.wraps(app)
+        async def probed(scope, receive, send):
+            assert scope["type"] == "http"
+            probe.start()
+            try:
+                await app(scope, receive, send)
+            finally:
+                probe.finish()
+
+        return probed
+
+    return wrap
+
+
 def _tracked_wsgi(app, probe, on_close=None):
     """``app`` under wsgiref's validator, its result tracked by ``probe``."""
 
@@ -449,24 +466,20 @@ def _stream_app(app_kind, body, probe):
     app sends each as a body message (on the loop: ``body`` must not block)."""
     if app_kind == "asgi":
 
+        @_probed(probe)
         async def asgi_app(scope, receive, send):
-            assert scope["type"] == "http"
-            probe.start()
+            await receive()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/octet-stream")]})
+            query = scope["query_string"].decode("ascii")
             try:
-                await receive()
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-type", b"application/octet-stream")]})
-                query = scope["query_string"].decode("ascii")
-                try:
-                    for chunk in body(scope["path"] + ("?" + query if query else "")):
-                        await send({"type": "http.response.body", "body": chunk,
-                                    "more_body": True})
-                    await send({"type": "http.response.body", "body": b""})
-                except BaseException as exc:
-                    probe.note("write-error", type(exc))
-                    raise
-            finally:
-                probe.finish()
+                for chunk in body(scope["path"] + ("?" + query if query else "")):
+                    await send({"type": "http.response.body", "body": chunk,
+                                "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            except BaseException as exc:
+                probe.note("write-error", type(exc))
+                raise
 
         return asgi_app
     if app_kind == "handler":
@@ -547,7 +560,23 @@ def _abandon_body(app_kind, probe, flood=False):
 
 def _length_app(app_kind, probe, declared, body, method="GET"):
     """An app that declares ``declared`` as Content-Length and sends ``body``
-    (an app bug when they differ) -- for HEAD too."""
+    (an app bug when they differ) -- for HEAD and POST too; it never reads
+    a request body."""
+    if app_kind == "asgi":
+
+        @_probed(probe)
+        async def asgi_liar(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(declared).encode())]})
+            try:
+                for start in range(0, len(body), PIECE):
+                    await send({"type": "http.response.body",
+                                "body": body[start:start + PIECE], "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            except OSError as exc:
+                probe.note("write-error", type(exc))
+
+        return asgi_liar
     if app_kind == "handler":
 
         class Liar(ProbedHandler):
@@ -563,7 +592,7 @@ def _length_app(app_kind, probe, declared, body, method="GET"):
                 except OSError as exc:
                     probe.note("write-error", type(exc))
 
-            do_HEAD = do_GET
+            do_HEAD = do_POST = do_GET
 
         return Liar
 
@@ -589,7 +618,15 @@ def _never_called(environ, start_response):  # pragma: no cover - must not run
 
 
 def _never_called_app(app_kind):
-    """A handler class or (validated) WSGI app that fails if it ever runs."""
+    """An app of ``app_kind`` (WSGI: validated) that fails if it ever runs."""
+    if app_kind == "asgi":
+
+        async def never_called(scope, receive, send):
+            if scope["type"] == "http":  # pragma: no cover - must not run
+                raise AssertionError("the app ran")
+            raise ValueError("http only")
+
+        return never_called
     if app_kind != "handler":
         return validator(_never_called)
 
@@ -604,7 +641,20 @@ def _never_called_app(app_kind):
 
 def _reader_app(app_kind, probe, answer):
     """An app that reads the whole request body (the handler class decodes
-    it chunked) and answers ``answer`` (None: 204 No Content)."""
+    it chunked) and answers ``answer`` (None: 204 No Content).  An ASGI app
+    told the caller left (``disconnect`` noted) does not answer."""
+    if app_kind == "asgi":
+
+        @_probed(probe)
+        async def asgi_reader(scope, receive, send):
+            if await _receive_body(receive) is None:
+                probe.note("disconnect", True)
+                return
+            status = 204 if answer is None else 200
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": answer or b""})
+
+        return asgi_reader
     if app_kind == "handler":
 
         class Reader(ProbedHandler):
@@ -975,6 +1025,29 @@ def _route_handler(calls):
         do_GET = do_POST = do_HEAD = do_PUT = _serve
 
     return RouteHandler
+
+
+def _route_asgi(calls):
+    """``_route`` as an ASGI app."""
+
+    async def route_app(scope, receive, send):
+        if scope["type"] != "http":
+            raise ValueError("http only")
+        body = b"".join(m.get("body", b"") for m in await _receive_messages(receive))
+        path = urllib.parse.unquote(scope["raw_path"].decode("latin-1"), "iso-8859-1")
+        query = scope["query_string"].decode("latin-1")
+        calls.append((scope["method"], path, query, body))
+        seen = {}
+        for name, value in scope["headers"]:
+            seen.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        status, headers, out = _route(scope["method"], path, query, body,
+                                      lambda name: seen.get(name.lower()))
+        headers = [*headers, ("Content-Length", str(len(out)))]
+        await send({"type": "http.response.start", "status": int(status.split()[0]),
+                    "headers": [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]})
+        await send({"type": "http.response.body", "body": out})
+
+    return route_app
 
 
 def _route_wsgi(calls):
@@ -1482,6 +1555,17 @@ def _fresh_chunks(total, size=PIECE):
         yield i.to_bytes(8, "big") + filler[8:]
 
 
+def _counted_chunks(sent, total=BIG):
+    """_fresh_chunks(total); once all are out, ``sent`` holds their size and
+    CRC-32."""
+    crc = size = 0
+    for chunk in _fresh_chunks(total):
+        crc = zlib.crc32(chunk, crc)
+        size += len(chunk)
+        yield chunk
+    sent["size"], sent["crc"] = size, crc
+
+
 def _slow_read_peak(opener, timeout):
     """Read inproc://api/big slowly (yielding after every piece) under
     tracemalloc: (bytes read, their crc32, peak bytes held beyond the start)."""
@@ -1710,6 +1794,37 @@ def _settle(future):
         future.set_result(None)
 
 
+def _dropped_body_spinner(give_up):
+    """An ASGI app in a tight loop whose only await is send() of a body the
+    bridge drops (the caller asked for HEAD), and what it did: ``looping``
+    once it has sent 100 messages; ``ended``: the exception that ended it
+    (re-raised) or "gave up" after ``give_up`` seconds; ``done``.  ``stop``
+    is the test's safety net to end a loop the app starves."""
+    state = types.SimpleNamespace(stop=threading.Event(), looping=threading.Event(),
+                                  done=threading.Event(), ended=None, sends=0)
+
+    async def spinner(scope, receive, send):
+        if scope["type"] != "http":
+            raise ValueError("http only")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        deadline = time.monotonic() + give_up
+        try:
+            while not state.stop.is_set() and time.monotonic() < deadline:
+                await send({"type": "http.response.body", "body": b"x" * 64,
+                            "more_body": True})
+                state.sends += 1
+                if state.sends == 100:
+                    state.looping.set()
+            state.ended = "gave up"
+        except BaseException as exc:  # OSError or CancelledError expected
+            state.ended = exc
+            raise
+        finally:
+            state.done.set()
+
+    return spinner, state
+
+
 async def _receive_body(receive):
     """The whole request body; None if the client left first."""
     parts = []
@@ -1727,19 +1842,13 @@ async def _receive_body(receive):
 # ---------------------------------------------------------------------------
 
 
-def _pieces(rng, most=6):
+def _pieces(rng, most=6, sizes=FAULT_SIZES):
     pieces = []
     for _ in range(rng.randint(0, most)):
-        size = rng.choice(FAULT_SIZES)
+        size = rng.choice(sizes)
         offset = rng.randrange(len(SOURCE) - size + 1)
         pieces.append(SOURCE[offset:offset + size])
     return pieces
-
-
-def _caller_plan(rng):
-    plan = [(rng.choice(READ_KINDS), rng.choice(READ_SIZES)) for _ in range(rng.randint(1, 4))]
-    close_after = rng.randint(0, 5) if rng.random() < 0.2 else None
-    return plan, close_after
 
 
 def _read_once(resp, kind, size):
@@ -1792,91 +1901,302 @@ def _exchange(opener, url, timeout, plan, close_after):
     return out
 
 
-def _summary(out, expected):
-    return "status=%r got=%d/%d bytes eof=%r closed_early=%r error=%r" % (
-        out["status"], len(out["body"]), len(expected), out["eof"], out["closed_early"],
-        out["error"])
+def _fault_case(kind, seed):
+    """The random response scenario for one seed of ``kind``: the same case
+    on every run (a failing seed replays).  Common to every kind: the body's
+    pieces, the points where the app faults (AppFault) or stalls until the
+    caller is gone, the caller's reads (method and size), its early close
+    and its timeout (STALL_TIMEOUT when the app stalls).  Per kind:
 
+    * handler: framing ``length``, ``chunked`` or ``close`` (HTTP/1.0), the
+      wfile buffer size, a flush after each piece or not; points -1 (before
+      the head), i (before piece i), len(pieces) (after the last).
+    * WSGI: framing ``length`` or ``none``; each piece goes out by one
+      channel: ``write`` (the write() callable, inside the app call),
+      ``yield`` (the returned iterable) or ``iter-write`` (write() called
+      from inside the iterable, as imperative frameworks do), the yielded
+      ones maybe as a list; points -1, i, len(pieces) and "close" (in the
+      iterable's close).  Only an app on a worker stalls (an inline app that
+      stalls stalls its caller).
+    * ASGI: sometimes a piece bigger than the pipe holds (the app blocks on a
+      full pipe); framing ``none``, ``exact``, ``over`` (declares more than
+      the app sends: the body ends short) or ``under`` (declares less: the
+      app's send raises once it passes it); the last piece may close the
+      body itself; points -1, i, len(pieces) (before the closing message,
+      unless the last piece closed it) and "after" (once complete).
 
-def _check_outcome(out, expected, *, faulty, status):
-    """The invariant: exact bytes, or a prefix and an allowed error (or an
-    early close by the caller) -- never a short body that looks complete.
-    ``status`` is the status the caller must see (None: any), ``faulty``
-    whether the app faulted or stalled (else no error is acceptable)."""
-    summary = _summary(out, expected)
-    if status is not None:
-        assert out["status"] == status, summary
-    if out["status"] == 500:
-        assert faulty, summary
-        return
-    if out["status"] is not None:
-        assert out["status"] == 200, summary
-    body = out["body"]
-    if out["eof"]:
-        assert body == expected, "a clean end with the wrong bytes: " + summary
-    else:
-        assert expected.startswith(body), "bytes the app never sent: " + summary
-        assert out["error"] is not None or out["closed_early"], summary
-    if not faulty:
-        assert out["error"] is None, summary
-
-
-def _wsgi_fault_case(app_kind, seed):
-    """The random scenario for one WSGI seed.  Each piece goes out by one
-    channel: ``write`` (the write() callable, inside the app call),
-    ``yield`` (the returned iterable) or ``iter-write`` (write() called from
-    inside the iterable, as imperative frameworks do).  Points where the app
-    may fault or stall: -1 (before start_response), i (before piece i),
-    len(pieces) (after the last piece) and "close" (in the iterable's close)."""
+    The draws keep the order of the three per-kind generators this one
+    replaced, so each seed builds the case it built before."""
     rng = random.Random(seed)
-    pieces = _pieces(rng)
-    written = rng.randint(0, len(pieces))
-    channels = ["write"] * written + [
-        rng.choice(["yield", "yield", "yield", "iter-write"]) for _ in pieces[written:]]
-    as_list = "iter-write" not in channels and rng.random() < 0.3
-    points = [-1, *range(written if as_list else len(pieces) + 1), "close"]
-    fault = rng.choice(points) if rng.random() < 0.35 else None
-    stall = None
-    if app_kind == "wsgi-worker" and rng.random() < 0.15:
-        stall = rng.choice(points[:-1])  # an inline app that stalls stalls its caller
-    plan, close_after = _caller_plan(rng)
-    return types.SimpleNamespace(
-        pieces=pieces, written=written, channels=channels, as_list=as_list,
-        declare_length=rng.random() < 0.3, fault=fault, stall=stall,
-        timeout=STALL_TIMEOUT if stall is not None else _timeout_for(app_kind),
-        plan=plan, close_after=close_after)
+    asgi = kind == "asgi"
+    pieces = _pieces(rng, sizes=ASGI_FAULT_SIZES if asgi else FAULT_SIZES)
+    case = types.SimpleNamespace(kind=kind, pieces=pieces, wbufsize=None, flushes=None,
+                                 written=0, channels=[], as_list=False, declared=None,
+                                 last_closes=False)
+    if kind == "handler":
+        case.framing = rng.choice(["length", "chunked", "close"])
+        case.wbufsize = rng.choice([0, -1, 1024])
+        case.flushes = [rng.random() < 0.5 for _ in pieces]
+        points = [-1, *range(len(pieces) + 1)]
+        stall_points = points
+    elif asgi:
+        if rng.random() < 0.3:
+            pieces.insert(rng.randint(0, len(pieces)), SOURCE[:FLOOD])
+        total = sum(map(len, pieces))
+        case.framing = rng.choice(["none", "none", "exact", "exact", "over", "under"])
+        if case.framing == "under" and total == 0:
+            case.framing = "over"
+        over = total + rng.randint(1, 1000)
+        under = rng.randrange(total) if total else None
+        case.declared = {"none": None, "exact": total, "over": over,
+                         "under": under}[case.framing]
+        case.last_closes = bool(pieces) and rng.random() < 0.5
+        n = len(pieces)
+        points = [-1, *range(n), *([] if case.last_closes else [n]), "after"]
+        stall_points = points[:-1]
+    else:
+        case.written = rng.randint(0, len(pieces))
+        case.channels = ["write"] * case.written + [
+            rng.choice(["yield", "yield", "yield", "iter-write"]) for _ in pieces[case.written:]]
+        case.as_list = "iter-write" not in case.channels and rng.random() < 0.3
+        points = [-1, *range(case.written if case.as_list else len(pieces) + 1), "close"]
+        stall_points = points[:-1] if kind == "wsgi-worker" else []
+    case.fault = rng.choice(points) if rng.random() < (0.5 if asgi else 0.35) else None
+    case.stall = rng.choice(stall_points) if stall_points and rng.random() < 0.15 else None
+    if kind == "handler":
+        case.timeout = STALL_TIMEOUT if case.stall is not None else rng.choice([None, 5])
+    case.plan = [(rng.choice(READ_KINDS), rng.choice(READ_SIZES))
+                 for _ in range(rng.randint(1, 4))]
+    case.close_after = rng.randint(0, 5) if rng.random() < (0.3 if asgi else 0.2) else None
+    if asgi:
+        case.timeout = STALL_TIMEOUT if case.stall is not None else rng.choice([None, 5])
+    elif kind != "handler":
+        case.framing = "length" if rng.random() < 0.3 else "none"
+        case.timeout = STALL_TIMEOUT if case.stall is not None else _timeout_for(kind)
+    case.full = b"".join(pieces)
+    # What a correct caller reads: all the app sends; with a Content-Length
+    # that is too small, the app's send fails once it passes it, and what a
+    # caller may read cleanly is at most the declared bytes.
+    case.expected = case.full[:case.declared] if case.framing == "under" else case.full
+    # Whether the caller may see an error.
+    case.faulty = case.stall is not None or case.fault not in (None, "close", "after") or (
+        case.framing in ("over", "under"))
+    return case
 
 
-def _wsgi_expected_status(app_kind, case):
-    """The status the caller must see, or None when more than one is right.
-    500 while nothing can have left; 200 once the head has left: on a worker
-    any non-empty write() or chunk sends it; inline, data written during the
-    app call waits for it to return, and the iterable's first non-empty
-    chunk sends it."""
+def _fault_app(case, probe):
+    """The app of ``case.kind`` that sends ``case.pieces`` as the case says."""
+    pieces, fault, stall = case.pieces, case.fault, case.stall
+    if case.kind == "asgi":
+
+        async def app(scope, receive, send):
+            assert scope["type"] == "http"
+            probe.start()
+            try:
+                first = await receive()
+                assert first == {"type": "http.request", "body": b"", "more_body": False}, first
+
+                async def point(i):
+                    if stall == i:
+                        # Wait for the caller to time out and leave.
+                        probe.note("stall", await receive())
+                        return True
+                    if fault == i:
+                        raise AppFault("fault at point %r" % (i,))
+                    return False
+
+                try:
+                    if await point(-1):
+                        return
+                    headers = [(b"content-type", b"application/octet-stream")]
+                    if case.declared is not None:
+                        headers.append((b"content-length", str(case.declared).encode()))
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": headers})
+                    for i, piece in enumerate(pieces):
+                        if await point(i):
+                            return
+                        more = not (case.last_closes and i == len(pieces) - 1)
+                        await send({"type": "http.response.body", "body": piece,
+                                    "more_body": more})
+                    if not case.last_closes:
+                        if await point(len(pieces)):
+                            return
+                        await send({"type": "http.response.body", "body": b""})
+                except OSError as exc:
+                    # The caller left while the app was sending: its next
+                    # receive() must say so.
+                    probe.note("send-error", type(exc))
+                    probe.note("after-send-error", await receive())
+                    raise
+                await point("after")
+                # Complete: the next event is the disconnect (at once).
+                probe.note("end", await receive())
+            except BaseException as exc:
+                probe.note("raised", type(exc))
+                raise
+            finally:
+                probe.finish()
+
+        return app
+
+    def point(i, flush=None):
+        if stall == i:
+            if flush is not None:
+                flush()
+            probe.note("stall", ib.cancelled().wait(WAIT))
+        if fault == i:
+            raise AppFault("fault at point %r" % (i,))
+
+    if case.kind == "handler":
+
+        class Random(ProbedHandler):
+            protocol_version = "HTTP/1.0" if case.framing == "close" else "HTTP/1.1"
+            app_probe = probe
+            wbufsize = case.wbufsize
+
+            def do_GET(self):
+                point(-1, self.wfile.flush)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                if case.framing == "length":
+                    self.send_header("Content-Length", str(len(case.full)))
+                elif case.framing == "chunked":
+                    self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for i, piece in enumerate(pieces):
+                    point(i, self.wfile.flush)
+                    if case.framing != "chunked":
+                        self.wfile.write(piece)
+                    elif piece:
+                        self.wfile.write(_chunk(piece))
+                    if case.flushes[i]:
+                        self.wfile.flush()
+                point(len(pieces), self.wfile.flush)
+                if case.framing == "chunked":
+                    self.wfile.write(b"0\r\n\r\n")
+
+        return Random
+    holder = {}
+
+    def wsgi_app(environ, start_response):
+        point(-1)
+        headers = [("Content-Type", "application/octet-stream")]
+        if case.framing == "length":
+            headers.append(("Content-Length", str(len(case.full))))
+        write = holder["write"] = start_response("200 OK", headers)
+        for i in range(case.written):
+            point(i)
+            write(pieces[i])
+        if case.as_list:
+            return pieces[case.written:]
+        return body()
+
+    def body():
+        for i in range(case.written, len(pieces)):
+            point(i)
+            if case.channels[i] == "iter-write":
+                holder["write"](pieces[i])
+            else:
+                yield pieces[i]
+        point(len(pieces))
+
+    return _tracked_wsgi(wsgi_app, probe, lambda: point("close"))
+
+
+def _fault_statuses(case):
+    """The statuses the caller may see (None: no response at all).  500
+    while nothing can have left; 200 once the head has left.  A handler or
+    WSGI app that stalls may time its caller out at any point; an ASGI app
+    leaves it no response only when it stalls before the head.  WSGI: on a
+    worker any non-empty write() or chunk sends the head; inline, data
+    written during the app call waits for it to return, and the iterable's
+    first non-empty chunk sends it."""
     fault, pieces = case.fault, case.pieces
+    if case.kind == "asgi":
+        if case.stall == -1:
+            return (None,)
+        return (500,) if fault == -1 else (200,)
+    anything = (None, 200, 500)
     if case.stall is not None:
-        return None
+        return anything
+    if case.kind == "handler":
+        return (500,) if fault == -1 else (200,)
     if fault is None or fault == "close":
-        return 200
+        return (200,)
     if fault == -1 or not any(pieces[:fault]):
-        return 500
-    if app_kind == "wsgi-worker":
-        return 200
+        return (500,)
+    if case.kind == "wsgi-worker":
+        return (200,)
     if fault < case.written:
-        return 500  # the app call raised: its written data never left
+        return (500,)  # the app call raised: its written data never left
     if any(pieces[:case.written]):
-        return 200
+        return (200,)
     if any(p for p, c in zip(pieces[:fault], case.channels) if c == "yield"):
-        return 200
-    return None  # only data written from inside the iterable preceded the fault
+        return (200,)
+    return anything  # only data written from inside the iterable preceded the fault
 
 
-def _wsgi_cases():
+def _check_fault_outcome(case, out, probe):
+    """The invariant: exact bytes, or a prefix and an allowed error (or an
+    early close by the caller) -- never a short body that looks complete; a
+    500 only from an app that faulted before anything left; the app
+    finished once, and an ASGI app's receive() said the caller was gone."""
+    shown = {k: v for k, v in vars(case).items() if k not in ("pieces", "full", "expected")}
+    summary = "case=%r sizes=%r status=%r got=%d/%d eof=%r closed_early=%r error=%r events=%r" % (
+        shown, [len(p) for p in case.pieces], out["status"], len(out["body"]),
+        len(case.expected), out["eof"], out["closed_early"], out["error"], probe.events)
+    asgi = case.kind == "asgi"
+    body, error = out["body"], out["error"]
+    assert out["status"] in _fault_statuses(case), summary
+    if out["status"] == 500:
+        assert case.faulty, summary
+        if asgi:
+            assert body == b"Internal Server Error" or body.startswith(b"A server"), summary
+    else:
+        if out["status"] is None and asgi:
+            assert isinstance(error, socket.timeout), summary
+        if out["eof"]:
+            assert body == case.expected, "a clean end with the wrong bytes: " + summary
+            if asgi:
+                # A body that cannot reach its Content-Length never ends cleanly.
+                assert case.framing != "over", summary
+                # Nor does one whose app failed before completing it, when no
+                # Content-Length tells the caller where it ends.
+                midway = isinstance(case.fault, int) and (
+                    case.stall is None or case.stall > case.fault)
+                assert not (case.framing == "none" and midway), \
+                    "the app failed midway, the caller saw a clean end: " + summary
+        else:
+            assert case.expected.startswith(body) or (
+                case.framing == "under" and case.full.startswith(body)), \
+                "bytes the app never sent: " + summary
+            assert error is not None or out["closed_early"], summary
+        if error is not None:
+            assert isinstance(error, ALLOWED), summary
+            assert case.faulty, "an error from a well-behaved app: " + summary
+    assert probe.finished == 1, summary
+    if asgi:
+        # Whatever happened, the app's receive() said the caller was gone.
+        for kind in ("stall", "after-send-error", "end"):
+            for message in probe.details(kind):
+                assert message == {"type": "http.disconnect"}, summary
+        if probe.details("send-error"):
+            assert probe.details("send-error") == [BrokenPipeError], summary
+    else:
+        assert probe.details("stall") in ([], [True]), summary
+
+
+def _fault_cases():
+    """(kind, seed) for every kind, as ids "kind-seed"; the first seeds of
+    each kind run always, the rest with the heavy tests."""
     cases = []
-    for app_kind in WSGI_KINDS:
-        for seed in range(ALL_SEEDS):
-            marks = [pytest.mark.heavy] if seed >= QUICK_SEEDS else []
-            cases.append(pytest.param(app_kind, seed, marks=marks, id="%s-%d" % (app_kind, seed)))
+    for kind in APP_KINDS:
+        quick, total = ((ASGI_QUICK_SEEDS, ASGI_ALL_SEEDS) if kind == "asgi"
+                        else (QUICK_SEEDS, ALL_SEEDS))
+        for seed in range(total):
+            marks = [pytest.mark.heavy] if seed >= quick else []
+            cases.append(pytest.param(kind, seed, marks=marks, id="%s-%d" % (kind, seed)))
     return cases
 
 
@@ -1921,170 +2241,15 @@ def _request_data(case):
     return generate()
 
 
-def _asgi_fault_case(seed):
-    """The random scenario for one seed."""
-    rng = random.Random(seed)
-    pieces = []
-    for _ in range(rng.randint(0, 6)):
-        size = rng.choice(ASGI_FAULT_SIZES)
-        offset = rng.randrange(len(SOURCE) - size + 1)
-        pieces.append(SOURCE[offset:offset + size])
-    if rng.random() < 0.3:
-        # More than the pipe holds: the app blocks on a full pipe.
-        pieces.insert(rng.randint(0, len(pieces)), SOURCE[:FLOOD])
-    total = sum(map(len, pieces))
-    # "none": no Content-Length; "exact"; "over": declares more than the
-    # app sends (the body ends short); "under": declares less (the app's
-    # send raises once it passes it).
-    framing = rng.choice(["none", "none", "exact", "exact", "over", "under"])
-    if framing == "under" and total == 0:
-        framing = "over"
-    declared = {"none": None, "exact": total, "over": total + rng.randint(1, 1000),
-                "under": rng.randrange(total) if total else None}[framing]
-    # Points: -1 before http.response.start; i before piece i; n before the
-    # closing message (when the last piece does not close the body itself);
-    # "after" once the response is complete.
-    last_closes = bool(pieces) and rng.random() < 0.5
-    n = len(pieces)
-    points = [-1, *range(n), *([] if last_closes else [n]), "after"]
-    fault = rng.choice(points) if rng.random() < 0.5 else None
-    stall = rng.choice(points[:-1]) if rng.random() < 0.15 else None
-    plan = [(rng.choice(READ_KINDS), rng.choice(READ_SIZES))
-            for _ in range(rng.randint(1, 4))]
-    close_after = rng.randint(0, 5) if rng.random() < 0.3 else None
-    timeout = STALL_TIMEOUT if stall is not None else rng.choice([None, 5])
-    return {"pieces": pieces, "framing": framing, "declared": declared,
-            "last_closes": last_closes, "fault": fault, "stall": stall, "plan": plan,
-            "close_after": close_after, "timeout": timeout}
-
-
-def _asgi_fault_app(case, probe):
-    pieces, declared, fault, stall = case["pieces"], case["declared"], case["fault"], case["stall"]
-
-    async def app(scope, receive, send):
-        assert scope["type"] == "http"
-        probe.start()
-        try:
-            first = await receive()
-            assert first == {"type": "http.request", "body": b"", "more_body": False}, first
-
-            async def point(i):
-                if stall == i:
-                    # Wait for the caller to time out and leave.
-                    probe.note("stall", await receive())
-                    return True
-                if fault == i:
-                    raise AppFault("fault at point %r" % (i,))
-                return False
-
-            try:
-                if await point(-1):
-                    return
-                headers = [(b"content-type", b"application/octet-stream")]
-                if declared is not None:
-                    headers.append((b"content-length", str(declared).encode()))
-                await send({"type": "http.response.start", "status": 200, "headers": headers})
-                for i, piece in enumerate(pieces):
-                    if await point(i):
-                        return
-                    more = not (case["last_closes"] and i == len(pieces) - 1)
-                    await send({"type": "http.response.body", "body": piece, "more_body": more})
-                if not case["last_closes"]:
-                    if await point(len(pieces)):
-                        return
-                    await send({"type": "http.response.body", "body": b""})
-            except OSError as exc:
-                # The caller left while the app was sending: its next
-                # receive() must say so.
-                probe.note("send-error", type(exc))
-                probe.note("after-send-error", await receive())
-                raise
-            await point("after")
-            # Complete: the next event is the disconnect (at once).
-            probe.note("end", await receive())
-        except BaseException as exc:
-            probe.note("raised", type(exc))
-            raise
-        finally:
-            probe.finish()
-
-    return app
-
-
-def _asgi_stream_parts(i):
+def _load_parts(i):
+    """Stream i's body: its tag, then 1 to 12 random parts (0 to 9000 bytes)."""
     rng = random.Random(i)
-    parts = []
+    parts = [b"%d|" % i]
     for _ in range(rng.randint(1, 12)):
         size = rng.choice((0, 1, 10, 500, 4096, 9000))
         offset = rng.randrange(len(SOURCE) - size + 1)
         parts.append(SOURCE[offset:offset + size])
     return parts
-
-
-def _asgi_load(count, readers):
-    gate = Baton()
-    probe = Probe()
-
-    async def app(scope, receive, send):
-        assert scope["type"] == "http"
-        probe.start()
-        try:
-            await receive()
-            i = int(scope["path"].rsplit("/", 1)[1])
-            parts = _asgi_stream_parts(i)
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b"%d|" % i, "more_body": True})
-            await gate.take()  # every stream is open before any goes on
-            for part in parts:
-                await send({"type": "http.response.body", "body": part, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-        finally:
-            probe.finish()
-
-    with Bridge({"api": app}) as bridge:
-        def run():
-            resps = []
-            try:
-                for i in range(count):
-                    resps.append(bridge.opener.open("inproc://api/s/%d" % i, timeout=WAIT))
-                live = len(bridge.runner.tasks)
-                gate.give(math.inf)
-                bad = []
-
-                def reader(k):
-                    def read():
-                        mine = list(range(k, count, readers))
-                        got = {i: bytearray() for i in mine}
-                        # Round robin: a piece from each stream in turn.
-                        while mine:
-                            for i in list(mine):
-                                data = resps[i].read1(4096)
-                                if data:
-                                    got[i] += data
-                                else:
-                                    mine.remove(i)
-                        for i, data in got.items():
-                            if bytes(data) != b"%d|" % i + b"".join(_asgi_stream_parts(i)):
-                                bad.append(i)
-
-                    return read
-
-                _run_threads([reader(k) for k in range(readers)], timeout=60)
-                return live, bad
-            finally:
-                for resp in resps:
-                    resp.close()
-
-        start = time.monotonic()
-        live, bad = _call(run, timeout=90)
-        elapsed = time.monotonic() - start
-        assert probe.wait_finished(count)
-        left = _tasks_drained(bridge)
-    print("\nload[asgi] %d open streams, %d readers: %.2f s" % (count, readers, elapsed))
-    assert live == count, "%d of %d streams were running at once" % (live, count)
-    assert not bad, "streams with wrong bytes: %r" % bad[:10]
-    assert left == 0
-    assert not bridge.new_threads(), "close() left a thread: %r" % bridge.new_threads(0)
 
 
 # ---------------------------------------------------------------------------
@@ -2645,9 +2810,10 @@ def test_factory_with_nothing_mounted_raises_bridge_error():
         factory.opener_for()
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_factory_opener_tags_source_and_actor(app_kind, kind_timeout):
-    kind, timeout = app_kind.partition("-")[0], kind_timeout
+    """The app of an opener made for an actor and a source sees both, in
+    current_source() and current_actor() and in environ (WSGI) or the
+    scope's inproc extension (ASGI); the caller's context keeps neither."""
     seen = []
 
     def do_GET(self):
@@ -2660,11 +2826,24 @@ def test_factory_opener_tags_source_and_actor(app_kind, kind_timeout):
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"w"]
 
-    app = _handler(do_GET=do_GET) if kind == "handler" else validator(app)
-    factory = ib.OpenerFactory({"api": app})
-    opener = factory.opener_for(actor="user-7", source=ib.SOURCE_AGENTS)
-    with opener.open("inproc://api/", timeout=timeout) as resp:
-        resp.read()
+    async def asgi_app(scope, receive, send):
+        if scope["type"] != "http":
+            raise ValueError("http only")
+        await _receive_messages(receive)
+        seen.append((ib.current_source(), ib.current_actor()))
+        tags = scope["extensions"]["inproc"]
+        seen.append((tags["source"], tags["actor"]))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a"})
+
+    apps = {"handler": _handler(do_GET=do_GET), "asgi": asgi_app}
+    factory = ib.OpenerFactory({"api": apps.get(app_kind) or validator(app)})
+    try:
+        opener = factory.opener_for(actor="user-7", source=ib.SOURCE_AGENTS)
+        with opener.open("inproc://api/", timeout=kind_timeout) as resp:
+            resp.read()
+    finally:
+        factory.close()
     assert set(seen) == {("agents", "user-7")}
     assert type(seen[0][0]) is ib.Source
     assert ib.current_source() is None and ib.current_actor() is None
@@ -2813,39 +2992,39 @@ def test_response_surface_is_httpresponse(app_kind):
             assert resp.read() == b""
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
-def test_no_body_for_head_204_304(app_kind, kind_timeout):
-    kind, timeout = app_kind.partition("-")[0], kind_timeout
+def test_no_body_for_head_204_304(app_kind):
+    """HEAD, 204 and 304 end with no body, though the app sends one (an
+    ASGI app sends its body whatever the method); a 404 is an HTTPError
+    with its reason and body; a 302 is followed."""
+    codes = {"/missing": 404, "/empty": 204, "/not-modified": 304, "/old": 302}
 
-    def do_HEAD(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "5")
-        self.end_headers()
+    def logic(req):
+        code = codes.get(req.target, 200)
+        body = b"body of %d" % code
+        headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+        if code in (204, 304):
+            # Only an ASGI app may send a body the status forbids: the bridge drops it.
+            return code, [], [body] if app_kind == "asgi" else []
+        return code, [*headers, *([("Location", "/new")] if code == 302 else [])], [body]
 
-    def do_GET(self):
-        code = int(self.path[1:])
-        self.send_response(code)
-        self.end_headers()
-
-    def app(environ, start_response):
-        code = environ["PATH_INFO"][1:]
-        start_response(code + " X", [("Content-Type", "text/plain"), ("Content-Length", "5")]
-                       if code == "200" else [])
-        return [b"hello"] if code == "200" else []
-
-    handler = _handler(do_GET=do_GET, do_HEAD=do_HEAD)
-    apps = {"api": handler if kind == "handler" else validator(app)}
-    opener = _opener(apps)
-    req = urllib.request.Request("inproc://api/200", method="HEAD")
-    with opener.open(req, timeout=timeout) as resp:
-        assert resp.status == 200 and resp.read() == b""
-        assert resp.getheader("Content-Length") == "5"
-    with opener.open("inproc://api/204", timeout=timeout) as resp:
-        assert resp.status == 204 and resp.read() == b""
-    with pytest.raises(urllib.error.HTTPError) as info:
-        opener.open("inproc://api/304", timeout=timeout)
-    with info.value as err:
-        assert err.code == 304 and err.read() == b""
+    with serve_kind(app_kind, logic, "api") as (opener, timeout):
+        req = urllib.request.Request("inproc://api/", method="HEAD")
+        with opener.open(req, timeout=timeout) as resp:
+            assert resp.status == 200 and resp.read() == b""
+            assert resp.getheader("Content-Length") == "11"
+        with opener.open("inproc://api/empty", timeout=timeout) as resp:
+            assert resp.status == 204 and resp.read() == b""
+        with pytest.raises(urllib.error.HTTPError) as info:
+            opener.open("inproc://api/not-modified", timeout=timeout)
+        with info.value as err:
+            assert err.code == 304 and err.read() == b""
+        with pytest.raises(urllib.error.HTTPError) as info:
+            opener.open("inproc://api/missing", timeout=timeout)
+        with info.value as err:
+            assert err.code == 404 and err.reason == "Not Found"
+            assert err.read() == b"body of 404"
+        with opener.open("inproc://api/old", timeout=timeout) as resp:
+            assert resp.url == "inproc://api/new" and resp.read() == b"body of 200"
 
 
 def test_handler_framings_are_decoded():
@@ -2885,29 +3064,6 @@ def test_handler_framings_are_decoded():
     req = urllib.request.Request("inproc://continue/", data=b"abc", headers=expect)
     with opener.open(req) as resp:
         assert resp.status == 200 and resp.read() == b"cba"
-
-
-def test_asgi_http_errors_redirects_head_and_204():
-    async def app(scope, receive, send):
-        assert scope["type"] == "http"
-        status = {"/missing": 404, "/empty": 204, "/old": 302}.get(scope["path"], 200)
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"text/plain"), (b"location", b"/new")]})
-        await send({"type": "http.response.body", "body": b"body of %d" % status})
-
-    with Bridge({"api": app}) as (opener, _):
-        with pytest.raises(urllib.error.HTTPError) as info:
-            opener.open("inproc://api/missing", timeout=WAIT)
-        with info.value as err:
-            assert err.code == 404 and err.reason == "Not Found"
-            assert err.read() == b"body of 404"
-        with opener.open("inproc://api/empty", timeout=WAIT) as resp:
-            assert resp.status == 204 and resp.read() == b""
-        with opener.open("inproc://api/old", timeout=WAIT) as resp:
-            assert resp.url == "inproc://api/new" and resp.read() == b"body of 200"
-        with opener.open(urllib.request.Request("inproc://api/", method="HEAD"),
-                         timeout=WAIT) as resp:
-            assert resp.status == 200 and resp.read() == b""
 
 
 def test_response_header_values_match_loopback(app_kind):
@@ -2987,59 +3143,40 @@ def test_asgi_header_values_match_the_wsgi_path():
 # ---------------------------------------------------------------------------
 
 
-def test_stream_handler_lockstep_sse():
-    opened, read = threading.Event(), threading.Event()
+def test_stream_lockstep_events(app_kind):
+    """Each event reaches the caller before the app makes the next (it waits
+    for the caller's go): lock-step, then a clean end.  open() returns on the
+    head, before any event is made -- except under WSGI, whose head leaves
+    with the first body bytes."""
+    go, ended = threading.Semaphore(0), threading.Event()
     produced = []
+    head_first = app_kind not in WSGI_KINDS
 
-    class SSE(QuietHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            if not opened.wait(WAIT):
-                return
+    def logic(req):
+        def events():
             for n in range(5):
-                produced.append(n)
-                self.wfile.write(b"data: %d\n\n" % n)
-                self.wfile.flush()
-                if not read.wait(WAIT):
+                if not go.acquire(timeout=WAIT):
                     return
-                read.clear()
+                produced.append(n)
+                yield b"data: %d\n\n" % n
+            ended.set()
 
-    opener = _opener({"api": SSE})
-    with opener.open("inproc://api/events") as resp:
-        # open() returned on the header block, before any event was written.
-        assert produced == []
-        opened.set()
-        for n in range(5):
-            assert resp.readline() == b"data: %d\n" % n
-            assert resp.readline() == b"\n"
-            assert produced == list(range(n + 1))  # the next one waits for us
-            read.set()
-        assert resp.read() == b""
+        return 200, [("Content-Type", "text/event-stream")], events()
 
-
-@pytest.mark.parametrize("app_kind", WSGI_KINDS)
-def test_stream_wsgi_lockstep_events(kind_timeout):
-    read = threading.Event()
-    produced = []
-
-    def app(environ, start_response):
-        start_response("200 OK", [("Content-Type", "application/x-ndjson")])
-        for n in range(5):
-            produced.append(n)
-            yield b'{"n": %d}\n' % n
-            if n < 4 and not read.wait(WAIT):
-                return
-            read.clear()
-
-    opener = _opener({"api": validator(app)})
-    with opener.open("inproc://api/", timeout=kind_timeout) as resp:
-        for n in range(5):
-            assert resp.readline() == b'{"n": %d}\n' % n
-            assert produced == list(range(n + 1))
-            read.set()
-        assert resp.read() == b""
+    with serve_kind(app_kind, logic, "api") as (opener, timeout):
+        if not head_first:
+            go.release()
+        with opener.open("inproc://api/events", timeout=timeout) as resp:
+            assert resp.getheader("Content-Type") == "text/event-stream"
+            assert produced == ([] if head_first else [0])
+            for n in range(5):
+                if head_first or n:
+                    go.release()
+                assert resp.readline() == b"data: %d\n" % n
+                assert resp.readline() == b"\n"
+                assert produced == list(range(n + 1))  # the next one waits for us
+            assert resp.read() == b""
+        assert ended.wait(WAIT), "the app did not reach its end"
 
 
 def test_stream_flush_works_with_a_buffered_wfile():
@@ -3075,71 +3212,6 @@ def test_stream_wfile_write_returns_byte_count():
     with _opener({"api": _handler(do_GET=do_GET)}).open("inproc://api/") as resp:
         assert resp.read() == b"12345abc"
     assert counts == [5, 3, 0]
-
-
-def test_asgi_sse_lock_step_headers_first():
-    baton = Baton()
-    done = threading.Event()
-
-    async def sse(scope, receive, send):
-        assert scope["type"] == "http"
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
-        for i in range(3):
-            await baton.take()
-            await send({"type": "http.response.body", "body": b"data: %d\n\n" % i,
-                        "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-        done.set()
-
-    with Bridge({"api": sse}) as (opener, _):
-        # open() returns while the app waits for the baton: the head came
-        # with http.response.start, before any body.
-        with opener.open("inproc://api/events", timeout=WAIT) as resp:
-            assert resp.getheader("Content-Type") == "text/event-stream"
-            for i in range(3):
-                baton.give()
-                assert resp.readline() == b"data: %d\n" % i
-                assert resp.readline() == b"\n"
-            assert resp.read() == b""
-        assert done.wait(WAIT)
-
-
-def test_asgi_endless_stream_caller_stops_reading():
-    record = {}
-    done = threading.Event()
-
-    async def endless(scope, receive, send):
-        assert scope["type"] == "http"
-        left = asyncio.Event()
-
-        async def listen():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            record["cancelled"] = ib.cancelled().is_set()
-            left.set()
-
-        listener = asyncio.ensure_future(listen())
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            n = 0
-            while not left.is_set():
-                await send({"type": "http.response.body", "body": b"x" * 1000 + b"\n",
-                            "more_body": True})
-                n += 1
-        except OSError as exc:
-            record["send_error"] = exc
-        await listener  # the app learns the client left, the ASGI way
-        record["disconnect"] = True
-        done.set()
-
-    with Bridge({"api": endless}) as (opener, _):
-        resp = opener.open("inproc://api/forever", timeout=WAIT)
-        for _ in range(5):
-            assert resp.readline() == b"x" * 1000 + b"\n"
-        resp.close()
-        assert done.wait(WAIT)
-    assert record["disconnect"] and record["cancelled"]
 
 
 def test_asgi_backpressure_holds_a_fast_app_back():
@@ -3228,8 +3300,11 @@ def test_error_after_headers_makes_handler_body_read_raise(framing, caplog):
                             pass
 
 
-@pytest.mark.parametrize("app_kind", WSGI_KINDS)
-def test_error_after_first_chunk_makes_wsgi_body_read_raise(kind_timeout, caplog):
+@pytest.mark.parametrize("reader", ["read", "read_amt"])
+def test_error_after_first_chunk_makes_body_read_raise(app_kind, reader, caplog):
+    """An app that fails after its first chunk: the caller's read raises a
+    ConnectionResetError naming the app's error, which is logged; the app's
+    result is closed."""
     closed = []
 
     class Body:
@@ -3240,16 +3315,19 @@ def test_error_after_first_chunk_makes_wsgi_body_read_raise(kind_timeout, caplog
         def close(self):
             closed.append(True)
 
-    def app(environ, start_response):
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return Body()
+    def logic(req):
+        return 200, [("Content-Type", "text/plain")], Body()
 
-    with caplog.at_level(logging.CRITICAL, logger="inproc_bridge"):
-        with _opener({"api": validator(app)}).open("inproc://api/", timeout=kind_timeout) as resp:
-            with pytest.raises(ConnectionResetError, match="midway"):
-                while resp.read(2):
-                    pass
+    with caplog.at_level(logging.ERROR, logger="inproc_bridge"):
+        with serve_kind(app_kind, logic, "api") as (opener, timeout):
+            with opener.open("inproc://api/", timeout=timeout) as resp:
+                with pytest.raises(ConnectionResetError, match="ValueError: midway"):
+                    if reader == "read":
+                        resp.read()
+                    while resp.read(2):
+                        pass
     assert closed == [True]
+    assert any(r.exc_info and r.exc_info[0] is ValueError for r in caplog.records)
 
 
 @pytest.mark.parametrize("app_kind", WSGI_KINDS)
@@ -3266,35 +3344,25 @@ def test_error_wsgi_short_content_length_raises(kind_timeout):
                     pass
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 @pytest.mark.parametrize("failure", ["short", "raise"])
-def test_error_response_with_a_broken_body_is_httperror_first(app_kind, kind_timeout, failure,
-                                                              caplog):
+def test_error_response_with_a_broken_body_is_httperror_first(app_kind, failure, caplog):
     # As over TCP: open() raises HTTPError at once; only reading its body fails.
-    kind, timeout = app_kind.partition("-")[0], kind_timeout
+    def logic(req):
+        def body():
+            yield b"partial"
+            if failure == "raise":
+                raise RuntimeError("midway")
 
-    def do_GET(self):
-        self.send_response(500)
-        self.send_header("Content-Length", "100")
-        self.end_headers()
-        self.wfile.write(b"partial")
-        if failure == "raise":
-            raise RuntimeError("midway")
+        return 500, [("Content-Type", "text/plain"), ("Content-Length", "100")], body()
 
-    def app(environ, start_response):
-        start_response("500 Oops", [("Content-Type", "text/plain"), ("Content-Length", "100")])
-        yield b"partial"
-        if failure == "raise":
-            raise RuntimeError("midway")
-
-    opener = _opener({"api": _handler(do_GET=do_GET) if kind == "handler" else validator(app)})
     with caplog.at_level(logging.CRITICAL, logger="inproc_bridge"):
-        with pytest.raises(urllib.error.HTTPError) as info:
-            opener.open("inproc://api/", timeout=timeout)
-        with info.value as err:
-            assert err.code == 500
-            with pytest.raises((http.client.IncompleteRead, ConnectionResetError)):
-                err.read()
+        with serve_kind(app_kind, logic, "api") as (opener, timeout):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                opener.open("inproc://api/", timeout=timeout)
+            with info.value as err:
+                assert err.code == 500
+                with pytest.raises((http.client.IncompleteRead, ConnectionResetError)):
+                    err.read()
 
 
 def test_error_response_whose_body_comes_late_is_httperror_at_once():
@@ -3363,35 +3431,6 @@ def test_error_send_error_reaches_the_caller():
     with info.value as err:
         assert err.code == 404 and err.reason == "No such thing"
         assert b"explained" in err.read()
-
-
-def test_asgi_bad_urls_refused_before_the_app_runs():
-    seen = []
-    with Bridge({"api": _asgi_app(seen=seen)}) as (opener, _):
-        with pytest.raises(http.client.InvalidURL):
-            opener.open("inproc://api/a\r\nb", timeout=WAIT)
-        with pytest.raises(UnicodeEncodeError):
-            opener.open("inproc://api/café", timeout=WAIT)
-        with pytest.raises(ValueError):
-            opener.open(urllib.request.Request("inproc://api/", headers={"X": "a\nb"}),
-                        timeout=WAIT)
-    assert seen == []
-
-
-def test_asgi_error_after_start_breaks_the_read(caplog):
-    async def broken(scope, receive, send):
-        assert scope["type"] == "http"
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
-        raise ZeroDivisionError("mid-stream")
-
-    with caplog.at_level(logging.ERROR, logger="inproc_bridge"):
-        with Bridge({"api": broken}) as (opener, _):
-            with opener.open("inproc://api/", timeout=WAIT) as resp:
-                with pytest.raises(OSError) as info:
-                    resp.read()
-    assert "ZeroDivisionError" in str(info.value)
-    assert any(r.exc_info and r.exc_info[0] is ZeroDivisionError for r in caplog.records)
 
 
 def test_asgi_no_response_is_a_500(caplog):
@@ -3483,38 +3522,41 @@ def test_badinput_non_ascii_host_is_bridgeerror(url):
         opener.open(url)
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
-def test_badinput_str_data_is_typeerror_as_urllib_gives(app_kind):
-    opener = _opener({"api": _never_called_app(app_kind)})
-    with pytest.raises(TypeError) as info:
-        opener.open("inproc://api/", data="text", timeout=_timeout_for(app_kind))
+def test_badinput_str_data_is_typeerror_as_urllib_gives(app_kind, kind_timeout):
+    with Bridge({"api": _never_called_app(app_kind)}) as (opener, _):
+        with pytest.raises(TypeError) as info:
+            opener.open("inproc://api/", data="text", timeout=kind_timeout)
     # The same words urllib uses for http://
     with pytest.raises(TypeError) as http_info:
         urllib.request.build_opener().open("http://127.0.0.1:9/", data="text")
     assert str(info.value) == str(http_info.value)
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
-def test_badinput_str_items_in_body_iterable_are_typeerror(app_kind, worker_pool):
+def test_badinput_str_items_in_body_iterable_are_typeerror(app_kind, kind_timeout, worker_pool):
     probe = Probe()
-    opener = _opener({"api": _reader_app(app_kind, probe, answer=None)})
 
     def run():
         req = urllib.request.Request("inproc://api/", data=iter([b"bytes", "text"]), method="POST")
-        opener.open(req, timeout=_timeout_for(app_kind)).close()
+        opener.open(req, timeout=kind_timeout).close()
 
-    with pytest.raises(TypeError):
-        _call(run)
-    _assert_no_app_left(probe)
+    with Bridge({"api": _reader_app(app_kind, probe, answer=None)}) as (opener, _):
+        with pytest.raises(TypeError):
+            _call(run)
+        _assert_no_app_left(probe)
     _assert_threads_back(worker_pool)
 
 
-@pytest.mark.parametrize("url", ["inproc://api/a b", "inproc://api/a\x7fb", "inproc://api/\x00"])
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
-def test_badinput_control_characters_in_url_are_refused(app_kind, url):
-    opener = _opener({"api": _never_called_app(app_kind)})
-    with pytest.raises(http.client.InvalidURL):
-        opener.open(url, timeout=_timeout_for(app_kind))
+@pytest.mark.parametrize("url, error", [
+    ("inproc://api/a b", http.client.InvalidURL),
+    ("inproc://api/a\x7fb", http.client.InvalidURL),
+    ("inproc://api/\x00", http.client.InvalidURL),
+    ("inproc://api/a\r\nb", http.client.InvalidURL),
+    ("inproc://api/caf\u00e9", UnicodeEncodeError),
+], ids=["space", "del", "nul", "crlf", "non-ascii"])
+def test_badinput_control_characters_in_url_are_refused(app_kind, kind_timeout, url, error):
+    with Bridge({"api": _never_called_app(app_kind)}) as (opener, _):
+        with pytest.raises(error):
+            opener.open(url, timeout=kind_timeout)
 
 
 class _BytesSocket:
@@ -3736,19 +3778,24 @@ def test_badinput_wsgi_non_iterable_result_is_500(app_kind, result, caplog):
     assert any(r.name == "inproc_bridge" for r in caplog.records)
 
 
-@pytest.mark.parametrize("app_kind", WSGI_KINDS)
-def test_badinput_wsgi_yields_str_first_is_500(app_kind):
-    # An invalid app on purpose: not wrapped in validator.
-    closed = threading.Event()
+def _str_yielding_wsgi(closed, items):
+    """An invalid WSGI app on purpose (not wrapped in validator): it yields
+    ``items``, a str among them, and sets ``closed`` when its result closes."""
 
     def app(environ, start_response):
         start_response("200 OK", [("Content-Type", "text/plain")])
         try:
-            yield "text"
+            yield from items
         finally:
             closed.set()
 
-    opener = _opener({"api": app})
+    return app
+
+
+@pytest.mark.parametrize("app_kind", WSGI_KINDS)
+def test_badinput_wsgi_yields_str_first_is_500(app_kind):
+    closed = threading.Event()
+    opener = _opener({"api": _str_yielding_wsgi(closed, ["text"])})
     code, _ = _expect_500(opener, app_kind)
     assert code == 500
     assert closed.wait(WAIT)
@@ -3756,19 +3803,8 @@ def test_badinput_wsgi_yields_str_first_is_500(app_kind):
 
 @pytest.mark.parametrize("app_kind", WSGI_KINDS)
 def test_badinput_wsgi_yields_str_after_first_chunk_raises_on_read(app_kind):
-    # An invalid app on purpose: not wrapped in validator.
     closed = threading.Event()
-
-    def app(environ, start_response):
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        try:
-            yield b"good|"
-            yield "text"
-            yield b"never"
-        finally:
-            closed.set()
-
-    opener = _opener({"api": app})
+    opener = _opener({"api": _str_yielding_wsgi(closed, [b"good|", "text", b"never"])})
 
     def run():
         got = b""
@@ -3787,10 +3823,11 @@ def test_badinput_wsgi_yields_str_after_first_chunk_raises_on_read(app_kind):
     assert closed.wait(WAIT)
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
-def test_badinput_request_body_iterator_failure_reaches_caller(app_kind, worker_pool):
+def test_badinput_request_body_iterator_failure_reaches_caller(app_kind, kind_timeout,
+                                                               worker_pool):
+    """The caller's own error from its body iterator reaches it; the app is
+    released (ASGI: told the caller left)."""
     probe = Probe()
-    opener = _opener({"api": _reader_app(app_kind, probe, answer=b"ok")})
 
     def upload():
         yield b"x" * 1000
@@ -3799,11 +3836,14 @@ def test_badinput_request_body_iterator_failure_reaches_caller(app_kind, worker_
 
     def run():
         req = urllib.request.Request("inproc://api/", data=upload(), method="POST")
-        opener.open(req, timeout=_timeout_for(app_kind)).close()
+        opener.open(req, timeout=kind_timeout).close()
 
-    with pytest.raises(BodyFault, match="the body broke"):
-        _call(run)
-    _assert_no_app_left(probe)
+    with Bridge({"api": _reader_app(app_kind, probe, answer=b"ok")}) as (opener, _):
+        with pytest.raises(BodyFault, match="the body broke"):
+            _call(run)
+        _assert_no_app_left(probe)
+    if app_kind == "asgi":
+        assert probe.details("disconnect") == [True]
     _assert_threads_back(worker_pool)
 
 
@@ -3970,40 +4010,56 @@ def test_wsgi_result_close_attribute_failing_is_logged_not_raised(app_kind, fail
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["handler", "wsgi"])
-def test_timeout_before_headers_raises_socket_timeout(kind):
-    release, outcome = threading.Event(), []
-
-    def serve_slowly():
-        release.wait(WAIT)
-        outcome.append(ib.cancelled().is_set())
+@pytest.mark.parametrize("app_kind", ["handler", "wsgi-worker", "asgi"])
+def test_timeout_before_headers_raises_socket_timeout(app_kind):
+    """A caller that times out before the head gets socket.timeout (not a
+    URLError, as urllib raises it over TCP), promptly.  The app then finds
+    ib.cancelled() set; a handler's or ASGI app's next write fails with
+    BrokenPipeError; an ASGI app's receive() says the caller left."""
+    release, done, record = threading.Event(), threading.Event(), {}
 
     def do_GET(self):
-        serve_slowly()
+        release.wait(WAIT)
+        record["cancelled"] = ib.cancelled().is_set()
         try:
             _respond(self, body=b"late")
-        except BrokenPipeError:
-            outcome.append("broken pipe")
+        except BrokenPipeError as exc:
+            record["send_error"] = exc
+        done.set()
 
     def app(environ, start_response):
-        serve_slowly()
+        release.wait(WAIT)
+        record["cancelled"] = ib.cancelled().is_set()
+        done.set()
         start_response("200 OK", [("Content-Type", "text/plain")])
         yield b"late"
-        outcome.append("not reached")
 
-    opener = _opener({"api": _handler(do_GET=do_GET) if kind == "handler" else validator(app)})
-    started = time.monotonic()
-    with pytest.raises(socket.timeout) as info:
-        opener.open("inproc://api/", timeout=0.2)
-    assert not isinstance(info.value, urllib.error.URLError)  # as urllib raises it over TCP
-    assert time.monotonic() - started < 5
-    release.set()
-    deadline = time.monotonic() + WAIT
-    while len(outcome) < (2 if kind == "handler" else 1) and time.monotonic() < deadline:
-        threading.Event().wait(0.01)
-    assert outcome[0] is True
-    if kind == "handler":
-        assert outcome[1] == "broken pipe"
+    async def slow(scope, receive, send):
+        assert scope["type"] == "http"
+        record["first"] = await receive()
+        record["second"] = await receive()  # waits until the caller gives up
+        record["cancelled"] = ib.cancelled().is_set()
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        except OSError as exc:
+            record["send_error"] = exc
+        done.set()
+
+    apps = {"handler": _handler(do_GET=do_GET), "wsgi-worker": validator(app), "asgi": slow}
+    with Bridge({"api": apps[app_kind]}) as (opener, _):
+        started = time.monotonic()
+        with pytest.raises(socket.timeout) as info:
+            opener.open("inproc://api/", timeout=0.2)
+        assert not isinstance(info.value, urllib.error.URLError)
+        assert time.monotonic() - started < 5
+        release.set()
+        assert done.wait(WAIT)
+    assert record["cancelled"] is True
+    if app_kind != "wsgi-worker":
+        assert isinstance(record["send_error"], BrokenPipeError)
+    if app_kind == "asgi":
+        assert record["first"]["type"] == "http.request"
+        assert record["second"] == {"type": "http.disconnect"}
 
 
 @pytest.mark.parametrize("app_kind", ["handler", "wsgi-worker", "asgi"])
@@ -4027,9 +4083,12 @@ def test_timeout_between_chunks_raises_from_read(app_kind):
             release.set()
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_caller_close_sets_cancelled_and_next_write_fails(app_kind, kind_timeout):
-    kind, timeout = app_kind.partition("-")[0], kind_timeout
+    """A caller that reads some of an endless stream and closes it: the app
+    finds ib.cancelled() set -- a handler when its next write fails, a WSGI
+    app when its result is closed, an ASGI app when its receive() says the
+    caller left -- and the worker that ran it goes back to the pool."""
+    line = b"x" * 1000 + b"\n"
     seen, done = [], threading.Event()
 
     def do_GET(self):
@@ -4037,7 +4096,7 @@ def test_caller_close_sets_cancelled_and_next_write_fails(app_kind, kind_timeout
         self.end_headers()
         try:
             while True:
-                self.wfile.write(b"x" * 4096)
+                self.wfile.write(line)
         except BrokenPipeError:
             seen.append(ib.cancelled().is_set())
         finally:
@@ -4050,7 +4109,7 @@ def test_caller_close_sets_cancelled_and_next_write_fails(app_kind, kind_timeout
 
         def __iter__(self):
             while True:
-                yield b"x" * 4096
+                yield line
 
         def close(self):
             seen.append(self.event.is_set())
@@ -4061,13 +4120,35 @@ def test_caller_close_sets_cancelled_and_next_write_fails(app_kind, kind_timeout
         start_response("200 OK", [("Content-Type", "text/plain")])
         return Endless()
 
-    opener = _opener({"api": _handler(do_GET=do_GET) if kind == "handler" else validator(app)})
-    resp = opener.open("inproc://api/", timeout=timeout)
-    assert len(resp.read(10000)) == 10000
-    resp.close()
-    assert done.wait(WAIT)
+    async def endless(scope, receive, send):
+        assert scope["type"] == "http"
+        left = asyncio.Event()
+
+        async def listen():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            seen.append(ib.cancelled().is_set())
+            left.set()
+
+        listener = asyncio.ensure_future(listen())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            while not left.is_set():
+                await send({"type": "http.response.body", "body": line, "more_body": True})
+        except OSError:
+            pass
+        await listener  # the app learns the client left, the ASGI way
+        done.set()
+
+    apps = {"handler": _handler(do_GET=do_GET), "asgi": endless}
+    with Bridge({"api": apps.get(app_kind) or validator(app)}) as (opener, _):
+        resp = opener.open("inproc://api/", timeout=kind_timeout)
+        for _ in range(10):
+            assert resp.readline() == line
+        resp.close()
+        assert done.wait(WAIT)
     assert seen[0] is True
-    if kind == "handler" or timeout:
+    if app_kind in ("handler", "wsgi-worker"):
         # The worker that ran it goes back to the pool, free for the next request.
         deadline = time.monotonic() + WAIT
         while seen[1] not in ib._workers.idle():
@@ -4140,31 +4221,6 @@ def test_unclosed_response_warns_and_releases_the_app():
         gc.collect()
     assert any(issubclass(w.category, ResourceWarning) for w in caught)
     assert closed.is_set()
-
-
-def test_asgi_timeout_before_headers_disconnects_the_app():
-    record = {}
-    done = threading.Event()
-
-    async def slow(scope, receive, send):
-        assert scope["type"] == "http"
-        record["first"] = await receive()
-        record["second"] = await receive()  # waits until the caller gives up
-        record["cancelled"] = ib.cancelled().is_set()
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-        except OSError as exc:
-            record["send_error"] = exc
-        done.set()
-
-    with Bridge({"api": slow}) as (opener, _):
-        with pytest.raises(socket.timeout):
-            opener.open("inproc://api/", timeout=0.2)
-        assert done.wait(WAIT)
-    assert record["first"]["type"] == "http.request"
-    assert record["second"] == {"type": "http.disconnect"}
-    assert record["cancelled"] is True
-    assert isinstance(record["send_error"], BrokenPipeError)
 
 
 def test_asgi_timeout_between_chunks():
@@ -4258,30 +4314,7 @@ def test_asgi_send_raises_after_caller_left_though_no_body_is_sent(method, statu
 
 
 def test_asgi_dropped_body_sends_yield_to_other_requests():
-    stop = threading.Event()  # a safety net: the test's way to end a starving loop
-    looping = threading.Event()
-    done = threading.Event()
-    record = {}
-
-    async def spinner(scope, receive, send):
-        if scope["type"] != "http":
-            raise ValueError("http only")
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        n = 0
-        deadline = time.monotonic() + 3 * WAIT
-        try:
-            # A tight loop: send() is its only await.
-            while not stop.is_set() and time.monotonic() < deadline:
-                await send({"type": "http.response.body", "body": b"x" * 64,
-                            "more_body": True})
-                n += 1
-                if n == 100:
-                    looping.set()
-        except OSError as exc:
-            record["error"] = exc
-        finally:
-            record["sends"] = n
-            done.set()
+    spinner, spin = _dropped_body_spinner(3 * WAIT)
 
     async def other(scope, receive, send):
         if scope["type"] != "http":
@@ -4294,61 +4327,38 @@ def test_asgi_dropped_body_sends_yield_to_other_requests():
             resp = opener.open(urllib.request.Request("inproc://spin/", method="HEAD"),
                                timeout=WAIT)
             try:
-                assert looping.wait(WAIT)
+                assert spin.looping.wait(WAIT)
                 # The same bridge, the same loop: served while the spinner spins.
                 with opener.open("inproc://other/", timeout=WAIT) as resp2:
                     assert resp2.read() == b"other"
-                assert not done.is_set()
+                assert not spin.done.is_set()
             finally:
                 resp.close()
-            assert done.wait(WAIT), "the spinner did not stop when its caller left"
-            assert isinstance(record.get("error"), OSError), record
+            assert spin.done.wait(WAIT), "the spinner did not stop when its caller left"
+            assert isinstance(spin.ended, OSError), spin.ended
             started = time.monotonic()
             bridge.close()
             assert time.monotonic() - started < WAIT
         finally:
-            stop.set()  # before Bridge closes the handler
+            spin.stop.set()  # before Bridge closes the handler
 
 
 def test_asgi_close_cancels_an_app_spinning_on_dropped_body_sends():
-    stop = threading.Event()  # a safety net: the test's way to end a starving loop
-    looping = threading.Event()
-    done = threading.Event()
-    record = {}
-
-    async def spinner(scope, receive, send):
-        if scope["type"] != "http":
-            raise ValueError("http only")
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        n = 0
-        deadline = time.monotonic() + WAIT  # gives up by itself, as the unfixed module needs
-        try:
-            while not stop.is_set() and time.monotonic() < deadline:
-                await send({"type": "http.response.body", "body": b"x" * 64,
-                            "more_body": True})
-                n += 1
-                if n == 100:
-                    looping.set()
-            record["ended"] = "gave up"
-        except BaseException as exc:  # CancelledError expected; re-raised
-            record["ended"] = exc
-            raise
-        finally:
-            done.set()
-
+    # The app gives up by itself after WAIT, as the unfixed module needs.
+    spinner, spin = _dropped_body_spinner(WAIT)
     try:
         with Bridge({"spin": spinner}) as (opener, bridge):
             with opener.open(urllib.request.Request("inproc://spin/", method="HEAD"),
                              timeout=WAIT):
-                assert looping.wait(WAIT)
+                assert spin.looping.wait(WAIT)
                 started = time.monotonic()
                 bridge.close()
                 elapsed = time.monotonic() - started
-                assert done.is_set()
+                assert spin.done.is_set()
             assert elapsed < WAIT / 2, "close() waited %.1f s for a spinning app" % elapsed
-            assert isinstance(record["ended"], (asyncio.CancelledError, OSError)), record
+            assert isinstance(spin.ended, (asyncio.CancelledError, OSError)), spin.ended
     finally:
-        stop.set()
+        spin.stop.set()
 
 
 @pytest.mark.parametrize("how", ["close", "timeout"])
@@ -4683,40 +4693,6 @@ def test_asgi_request_body_streams_in_several_messages():
             assert resp.read() == b"y" * 200000
 
 
-def test_asgi_request_body_failure_reaches_the_caller():
-    record = {}
-    done = threading.Event()
-
-    async def app(scope, receive, send):
-        assert scope["type"] == "http"
-        record["messages"] = await _receive_messages(receive)
-        if record["messages"][-1]["type"] != "http.disconnect":
-            record["messages"].append(await receive())
-        done.set()
-
-    def body():
-        yield b"part"
-        raise KeyError("the caller's own bug")
-
-    with Bridge({"api": app}) as (opener, _):
-        with pytest.raises(KeyError):
-            opener.open("inproc://api/", data=body(), timeout=WAIT)
-        assert done.wait(WAIT)
-    assert record["messages"][-1] == {"type": "http.disconnect"}
-
-
-def test_asgi_app_that_ignores_the_body_frees_the_caller():
-    async def app(scope, receive, send):
-        assert scope["type"] == "http"
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ignored it"})
-
-    big = (b"z" * 65536 for _ in range(64))  # 4 MiB: more than the pipe holds
-    with Bridge({"api": app}) as (opener, _):
-        with opener.open("inproc://api/", data=big, timeout=WAIT) as resp:
-            assert resp.read() == b"ignored it"
-
-
 def test_asgi_request_body_send_timeout_is_urlerror():
     # As urllib reports a request it could not send in time: URLError(timeout).
     release = threading.Event()
@@ -4953,29 +4929,34 @@ def test_context_vars_reach_the_app_and_do_not_leak_back(app_kind):
     assert ib.current_source() is None
 
 
+# Not ASGI: make_app() pulls an ASGI body on the loop's default executor,
+# which has fewer threads than six nested calls hold (see
+# test_asgi_no_timeout_and_nested_calls for ASGI).
 @pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_nested_calls_from_inside_an_app(app_kind, kind_timeout):
-    kind, timeout = app_kind.partition("-")[0], kind_timeout
+    """An app that calls the bridge it runs under, six deep: each level gets
+    the one below's answer; the innermost sees the outer source."""
     handler = ib.InProcHandler(source="outer")
     opener = urllib.request.build_opener(handler)
 
     def inner_body(depth):
         if depth == 0:
             return b"bottom:%s" % str(ib.current_source()).encode()
-        with opener.open("inproc://api/%d" % (depth - 1), timeout=timeout) as resp:
+        with opener.open("inproc://api/%d" % (depth - 1), timeout=kind_timeout) as resp:
             return b"%d>" % depth + resp.read()
 
-    def do_GET(self):
-        _respond(self, body=inner_body(int(self.path[1:])))
+    def logic(req):
+        def body():  # the nested call runs as the body is made
+            yield inner_body(int(req.target[1:]))
 
-    def app(environ, start_response):
-        body = inner_body(int(environ["PATH_INFO"][1:]))
-        start_response("200 OK", [("Content-Type", "text/plain")])
-        return [body]
+        return 200, [("Content-Type", "text/plain")], body()
 
-    handler.mount("api", _handler(do_GET=do_GET) if kind == "handler" else validator(app))
-    with opener.open("inproc://api/6", timeout=timeout) as resp:
-        assert resp.read() == b"6>5>4>3>2>1>bottom:outer"
+    handler.mount("api", make_app(app_kind, logic))
+    try:
+        with opener.open("inproc://api/6", timeout=kind_timeout) as resp:
+            assert resp.read() == b"6>5>4>3>2>1>bottom:outer"
+    finally:
+        handler.close()
 
 
 def test_asgi_concurrent_requests_share_the_loop():
@@ -5192,7 +5173,6 @@ def test_fork_child_serves_an_asgi_app_mounted_with_lifespan(start):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_redirect_loop_message_matches_urllib(route_app):
     make_route, timeout = route_app
     opener = _inproc_opener({"api": make_route([])})
@@ -5205,7 +5185,6 @@ def test_redirect_loop_message_matches_urllib(route_app):
     assert "infinite loop" in info.value.msg
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_request_urlopen_with_installed_opener(route_app):
     make_route, timeout = route_app
     saved = urllib.request._opener
@@ -5221,7 +5200,10 @@ def test_request_urlopen_with_installed_opener(route_app):
     assert urllib.request._opener is saved
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
+@pytest.mark.parametrize("app_kind", [*SYNC_KINDS, pytest.param("asgi", marks=pytest.mark.xfail(
+    sys.version_info < (3, 9), strict=True,
+    reason="ASGI sends no reason phrase: the bridge takes http.HTTPStatus's, and "
+           "Python 3.8 has none for 418"))])
 def test_httperror_has_headers_and_readable_body(route_app):
     make_route, timeout = route_app
     opener = _inproc_opener({"api": make_route([])})
@@ -5234,7 +5216,6 @@ def test_httperror_has_headers_and_readable_body(route_app):
     assert err.geturl() == "inproc://api/teapot"
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_redirect_absolute_inproc_location(route_app):
     make_route, timeout = route_app
     calls, other_calls = [], []
@@ -5250,7 +5231,6 @@ def test_redirect_absolute_inproc_location(route_app):
         assert who[-1][0] == "GET" and who[-1][3] == b""
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_redirect_post_becomes_get_for_301_302_303(route_app):
     make_route, timeout = route_app
     calls = []
@@ -5265,7 +5245,6 @@ def test_redirect_post_becomes_get_for_301_302_303(route_app):
     assert [c[0] for c in calls] == ["POST", "GET"] * 3
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_redirect_307_post_raises_httperror(route_app):
     make_route, timeout = route_app
     calls = []
@@ -5278,7 +5257,6 @@ def test_redirect_307_post_raises_httperror(route_app):
         assert json.loads(resp.read())["method"] == "GET"
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_redirect_max_redirections_ends_as_urllib(route_app):
     make_route, timeout = route_app
     calls = []
@@ -5293,7 +5271,6 @@ def test_redirect_max_redirections_ends_as_urllib(route_app):
     assert len(calls) == 10
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_redirect_custom_handler_rules_are_honoured(route_app):
     make_route, timeout = route_app
     calls = []
@@ -5330,7 +5307,6 @@ def test_redirect_refused_by_redirect_request_is_httperror_as_urllib(route_app):
     assert redirector.seen == ["inproc://api/echo"] * 3
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_cookie_set_then_sent_back(route_app):
     make_route, timeout = route_app
     jar = http.cookiejar.CookieJar()
@@ -5346,7 +5322,6 @@ def test_cookie_set_then_sent_back(route_app):
     assert sorted(cookie.split("; ")) == ["hop=1", "sid=abc123"]
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 @pytest.mark.parametrize("scheme, handler_class", [
     ("basic", urllib.request.HTTPBasicAuthHandler),
     ("digest", urllib.request.HTTPDigestAuthHandler),
@@ -5362,28 +5337,22 @@ def test_auth_with_password_for_inproc_url(route_app, scheme, handler_class):
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
-def test_auth_basic_wrong_password_is_401(route_app):
+@pytest.mark.parametrize("scheme, handler_class, reason", [
+    ("basic", urllib.request.HTTPBasicAuthHandler, "Unauthorized"),
+    ("digest", urllib.request.HTTPDigestAuthHandler, "digest auth failed"),
+])
+def test_auth_wrong_password_is_401(route_app, scheme, handler_class, reason):
     make_route, timeout = route_app
-    auth = urllib.request.HTTPBasicAuthHandler(_password_mgr("inproc://api/", "wrong"))
+    auth = handler_class(_password_mgr("inproc://api/", "wrong"))
     opener = _inproc_opener({"api": make_route([])}, auth)
     with _dropped_responses():
         # _observe keeps no traceback alive: the responses urllib dropped
         # are released at once, not by a later garbage collection
-        seen = _observe(opener, "inproc://api/basic", timeout=timeout)
-    assert seen[:3] == ("HTTPError", 401, "Unauthorized")
-    assert ("www-authenticate", 'Basic realm="%s"' % _REALM) in seen[3]
-    assert seen[4] == b"denied"
-
-
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
-def test_auth_digest_wrong_password_fails(route_app):
-    make_route, timeout = route_app
-    auth = urllib.request.HTTPDigestAuthHandler(_password_mgr("inproc://api/", "wrong"))
-    opener = _inproc_opener({"api": make_route([])}, auth)
-    with _dropped_responses():
-        seen = _observe(opener, "inproc://api/digest", timeout=timeout)
-    assert seen[:3] == ("HTTPError", 401, "digest auth failed")
+        seen = _observe(opener, "inproc://api/" + scheme, timeout=timeout)
+    assert seen[:3] == ("HTTPError", 401, reason)
+    if scheme == "basic":
+        assert ("www-authenticate", 'Basic realm="%s"' % _REALM) in seen[3]
+        assert seen[4] == b"denied"
 
 
 @pytest.mark.parametrize("app_kind", SYNC_KINDS)
@@ -5465,7 +5434,6 @@ def test_intercept_off_by_default():
     assert fell == ["http://api.internal/"] and calls == []
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_intercept_passes_unmounted_loopback_untouched(route_app):
     make_route, timeout = route_app
     inproc_calls = []
@@ -5484,7 +5452,6 @@ def test_intercept_passes_unmounted_loopback_untouched(route_app):
     assert [c[1] for c in inproc_calls] == ["/echo"]
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_intercept_redirect_within_bridge_uses_http_rules(route_app):
     make_route, timeout = route_app
     calls = []
@@ -5498,7 +5465,6 @@ def test_intercept_redirect_within_bridge_uses_http_rules(route_app):
     assert "infinite loop" in info.value.msg
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_intercept_redirects_between_inproc_and_intercepted_hosts(route_app):
     make_route, timeout = route_app
     calls = []
@@ -5515,7 +5481,6 @@ def test_intercept_redirects_between_inproc_and_intercepted_hosts(route_app):
     assert [c[1] for c in calls] == ["/go", "/echo"] * 3
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_intercept_redirect_loop_across_schemes_ends_as_urllib(route_app):
     make_route, timeout = route_app
     calls = []
@@ -5882,7 +5847,6 @@ def test_security_network_redirect_chain_cannot_reach_bridge():
     assert calls == []
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_security_inproc_to_network_to_inproc_is_blocked(route_app):
     make_route, timeout = route_app
     calls, fell = [], []
@@ -5915,7 +5879,6 @@ def test_security_exact_host_matching(url):
     assert calls == []
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 @pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb", "a\r\n\r\nGET / HTTP/1.1",
                                    "a\r\n"])
 def test_security_header_value_injection_refused(route_app, value):
@@ -5958,7 +5921,6 @@ def test_diff_security_header_injection_refused_alike(value):
     assert calls == []
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 @pytest.mark.parametrize("path", ["/a b", "/a\r\nX-Injected: 1", "/a\nb", "/a\x00b", "/a\x7fb",
                                   "/a\tb", "/q?x=1 HTTP/1.1\r\nX: y"])
 def test_security_url_control_characters_refused(route_app, path):
@@ -5981,7 +5943,6 @@ def test_diff_security_url_control_characters_refused_alike():
     assert calls == []
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_security_method_control_characters_refused(route_app):
     make_route, timeout = route_app
     calls = []
@@ -5991,7 +5952,6 @@ def test_security_method_control_characters_refused(route_app):
     assert calls == []
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_security_non_latin1_header_value_refused_alike(route_app):
     make_route, timeout = route_app
     calls = []
@@ -6949,7 +6909,6 @@ def test_leak_abandoned_wsgi_write_callable_raises_broken_pipe(worker_pool):
     _assert_threads_back(worker_pool)
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_leak_dropped_httperror_releases_app(app_kind, worker_pool):
     probe = Probe()
     if app_kind == "handler":
@@ -6965,6 +6924,16 @@ def test_leak_dropped_httperror_releases_app(app_kind, worker_pool):
                 probe.note("cancelled", ib.cancelled().wait(WAIT))
 
         app = NotFound
+    elif app_kind == "asgi":
+
+        @_probed(probe)
+        async def app(scope, receive, send):
+            await receive()
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": FIRST, "more_body": True})
+            await receive()  # the disconnect, once the caller dropped the error
+            probe.note("cancelled", ib.cancelled().is_set())
     else:
 
         def not_found(environ, start_response):
@@ -6979,7 +6948,8 @@ def test_leak_dropped_httperror_releases_app(app_kind, worker_pool):
             return body()
 
         app = _tracked_wsgi(not_found, probe)
-    opener = _opener({"api": app})
+    bridge = Bridge({"api": app})
+    opener = bridge.opener
 
     def run():
         # An HTTPError wraps its response in urllib's addinfourl, whose
@@ -6997,8 +6967,9 @@ def test_leak_dropped_httperror_releases_app(app_kind, worker_pool):
             gc.collect()
         assert all(issubclass(w.category, ResourceWarning) for w in seen), seen
 
-    _call(run)
-    assert probe.wait_finished()
+    with bridge:
+        _call(run)
+        assert probe.wait_finished()
     if app_kind != "wsgi-inline":
         assert probe.details("cancelled") == [True]
     _assert_threads_back(worker_pool)
@@ -7013,16 +6984,12 @@ def test_leak_abandoned_burst_returns_to_baseline(app_kind, worker_pool):
     probe = Probe()
     if app_kind == "asgi":
 
+        @_probed(probe)
         async def app(scope, receive, send):
-            assert scope["type"] == "http"
-            probe.start()
-            try:
-                await receive()
-                await send({"type": "http.response.start", "status": 200, "headers": []})
-                await send({"type": "http.response.body", "body": FIRST, "more_body": True})
-                probe.tally("left", (await receive())["type"])
-            finally:
-                probe.finish()
+            await receive()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": FIRST, "more_body": True})
+            probe.tally("left", (await receive())["type"])
 
     else:
         app = _stream_app(app_kind, _abandon_body(app_kind, probe), probe)
@@ -7143,12 +7110,7 @@ def test_memory_slow_reader_bounds_streamed_response(app_kind, worker_pool):
     sent = {}
 
     def body(target):
-        crc = size = 0
-        for chunk in _fresh_chunks(BIG):
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-            yield chunk
-        sent["size"], sent["crc"] = size, crc
+        return _counted_chunks(sent)
 
     timeout = 5 if app_kind == "asgi" else _timeout_for(app_kind)
     with Bridge({"api": _stream_app(app_kind, body, probe)}) as bridge:
@@ -7191,26 +7153,22 @@ def test_memory_slow_app_bounds_request_body(app_kind, worker_pool):
         app = Sink
     elif app_kind == "asgi":
 
+        @_probed(probe)
         async def app(scope, receive, send):
-            assert scope["type"] == "http"
-            probe.start()
-            try:
-                while True:
-                    message = await receive()
-                    assert message["type"] == "http.request", message
-                    body = message.get("body", b"")
-                    received["crc"] = zlib.crc32(body, received["crc"])
-                    received["size"] += len(body)
-                    received["messages"] += 1
-                    await asyncio.sleep(0)  # a slow app: it yields after every message
-                    if not message.get("more_body"):
-                        break
-                answer = b"%d:%d" % (received["size"], received["crc"])
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-length", str(len(answer)).encode())]})
-                await send({"type": "http.response.body", "body": answer})
-            finally:
-                probe.finish()
+            while True:
+                message = await receive()
+                assert message["type"] == "http.request", message
+                body = message.get("body", b"")
+                received["crc"] = zlib.crc32(body, received["crc"])
+                received["size"] += len(body)
+                received["messages"] += 1
+                await asyncio.sleep(0)  # a slow app: it yields after every message
+                if not message.get("more_body"):
+                    break
+            answer = b"%d:%d" % (received["size"], received["crc"])
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(len(answer)).encode())]})
+            await send({"type": "http.response.body", "body": answer})
 
     else:
 
@@ -7229,20 +7187,13 @@ def test_memory_slow_app_bounds_request_body(app_kind, worker_pool):
     timeout = 5 if app_kind == "asgi" else _timeout_for(app_kind)
     sent = {}
 
-    def upload():
-        crc = size = 0
-        for chunk in _fresh_chunks(BIG):
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-            yield chunk
-        sent["size"], sent["crc"] = size, crc
-
     def run():
         gc.collect()
         tracemalloc.start()
         try:
             base = tracemalloc.get_traced_memory()[0]
-            req = urllib.request.Request("inproc://api/upload", data=upload(), method="POST")
+            req = urllib.request.Request("inproc://api/upload", data=_counted_chunks(sent),
+                                         method="POST")
             with bridge.opener.open(req, timeout=timeout) as resp:
                 answer = resp.read()
             return answer, tracemalloc.get_traced_memory()[1] - base
@@ -7264,51 +7215,104 @@ def test_memory_slow_app_bounds_request_body(app_kind, worker_pool):
     assert probe.wait_finished()
 
 
-@pytest.mark.heavy
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
-def test_load_thousand_simultaneous_streams(app_kind, worker_pool):
-    streams = 1000
+@pytest.mark.parametrize("app_kind", HEAVY_ON_SYNC_KINDS)
+def test_load_simultaneous_streams(app_kind, worker_pool):
+    """1000 streams open at once (500 on the one ASGI loop), each held after
+    its first part until every one is open and its first part read; then 8
+    readers take a piece (read1) from each of theirs in turn: every stream
+    gets exactly its bytes, all ran at once, nothing is left running."""
+    asgi = app_kind == "asgi"
+    streams, readers = (500 if asgi else 1000), 8
     probe = Probe()
     release = threading.Event()
+    gate = Baton()
+    if asgi:
 
-    def parts(target):
-        tag = target.encode()
-        return [b"<%s:a>" % tag, b"<%s:b>" % tag * 50, b"<%s:c>" % tag]
+        @_probed(probe)
+        async def app(scope, receive, send):
+            await receive()
+            first, *rest = _load_parts(int(scope["path"].rsplit("/", 1)[1]))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            await gate.take()  # every stream is open before any goes on
+            probe.note("released", True)
+            for part in rest:
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+    else:
 
-    def body(target):
-        first, *rest = parts(target)
-        yield first
-        # Every stream stays open (its worker blocked) until all are open.
-        probe.note("released", release.wait(WAIT * 3))
-        yield from rest
+        def body(target):
+            first, *rest = _load_parts(int(target.rsplit("/", 1)[1]))
+            yield first
+            # Every stream stays open (its worker blocked) until all are open.
+            probe.note("released", release.wait(WAIT * 3))
+            yield from rest
 
-    opener = _opener({"api": _stream_app(app_kind, body, probe)})
-    timeout = _timeout_for(app_kind)
+        app = _stream_app(app_kind, body, probe)
+    timeout = WAIT if asgi else _timeout_for(app_kind)
 
-    def run():
-        resps = []
-        try:
-            for i in range(streams):
-                resps.append(opener.open("inproc://api/%d" % i, timeout=timeout))
-            if app_kind != "wsgi-inline":
-                assert len(_worker_threads()) >= streams
-            for i, resp in enumerate(resps):
-                first = parts("/%d" % i)[0]
-                assert resp.read(len(first)) == first
-            release.set()
-            for i, resp in enumerate(resps):
-                assert resp.read() == b"".join(parts("/%d" % i)[1:]), i
-        finally:
-            release.set()
-            for resp in resps:
-                resp.close()
+    def release_all():
+        release.set()
+        gate.give(math.inf)
 
-    _call(run, timeout=90)
-    assert probe.wait_finished(streams)
+    with Bridge({"api": app}) as bridge:
+
+        def run():
+            resps = []
+            try:
+                for i in range(streams):
+                    resps.append(bridge.opener.open("inproc://api/s/%d" % i, timeout=timeout))
+                live = len(bridge.runner.tasks) if asgi else len(_worker_threads())
+                for i, resp in enumerate(resps):
+                    first = _load_parts(i)[0]
+                    assert resp.read(len(first)) == first
+                release_all()
+                bad = []
+
+                def reader(k):
+                    def read():
+                        mine = list(range(k, streams, readers))
+                        got = {i: bytearray() for i in mine}
+                        # Round robin: a piece from each stream in turn.
+                        while mine:
+                            for i in list(mine):
+                                data = resps[i].read1(4096)
+                                if data:
+                                    got[i] += data
+                                else:
+                                    mine.remove(i)
+                        for i, data in got.items():
+                            if bytes(data) != b"".join(_load_parts(i)[1:]):
+                                bad.append(i)
+
+                    return read
+
+                _run_threads([reader(k) for k in range(readers)], timeout=60)
+                return live, bad
+            finally:
+                release_all()
+                for resp in resps:
+                    resp.close()
+
+        start = time.monotonic()
+        live, bad = _call(run, timeout=90)
+        elapsed = time.monotonic() - start
+        assert probe.wait_finished(streams)
+        left = _tasks_drained(bridge)
+    print("\nload[%s] %d open streams, %d readers: %.2f s" % (app_kind, streams, readers, elapsed))
+    if asgi:
+        assert live == streams, "%d of %d streams were running at once" % (live, streams)
+    elif app_kind != "wsgi-inline":
+        assert live >= streams, "%d workers for %d streams" % (live, streams)
+    assert not bad, "streams with wrong bytes: %r" % bad[:10]
     assert probe.details("released") == [True] * streams
+    assert left == 0
+    if asgi:
+        assert not bridge.new_threads(), "close() left a thread: %r" % bridge.new_threads(0)
     _assert_threads_back(worker_pool)
 
 
+# Not ASGI, as test_nested_calls_from_inside_an_app.
 @pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_load_nested_calls_do_not_deadlock(app_kind, worker_pool):
     depth, threads = 20, 8
@@ -7325,31 +7329,18 @@ def test_load_nested_calls_do_not_deadlock(app_kind, worker_pool):
         with holder["opener"].open(url, timeout=timeout) as resp:
             return b"%d>" % level + resp.read()
 
-    if app_kind == "handler":
+    def logic(req):
+        probe.start()
 
-        class Nested(ProbedHandler):
-            app_probe = probe
+        def body():  # the nested call runs as the caller pulls
+            try:
+                yield answer(req.target)
+            finally:
+                probe.finish()
 
-            def do_GET(self):
-                data = answer(self.path)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+        return 200, [("Content-Type", "text/plain")], body()
 
-        app = Nested
-    else:
-
-        def nested(environ, start_response):
-            start_response("200 OK", [("Content-Type", "text/plain")])
-
-            def body():  # the nested call runs as the caller pulls
-                yield answer(environ["PATH_INFO"])
-
-            return body()
-
-        app = _tracked_wsgi(nested, probe)
-    holder["opener"] = _opener({"api": app})
+    holder["opener"] = _opener({"api": make_app(app_kind, logic)})
 
     def client(k):
         def run():
@@ -7436,111 +7427,21 @@ def test_load_remount_while_requests_fly(app_kind, worker_pool):
     _assert_threads_back(worker_pool)
 
 
-@pytest.mark.parametrize("seed", FAULT_SEEDS)
-def test_fault_random_handler_response(seed):
-    rng = random.Random(seed)
-    pieces = _pieces(rng)
-    framing = rng.choice(["length", "chunked", "close"])
-    wbufsize = rng.choice([0, -1, 1024])
-    flushes = [rng.random() < 0.5 for _ in pieces]
-    points = list(range(-1, len(pieces) + 1))  # -1: before headers; i: before piece i
-    fault = rng.choice(points) if rng.random() < 0.35 else None
-    stall = rng.choice(points) if rng.random() < 0.15 else None
-    timeout = STALL_TIMEOUT if stall is not None else rng.choice([None, 5])
-    plan, close_after = _caller_plan(rng)
-    expected = b"".join(pieces)
+@pytest.mark.parametrize("app_kind, seed", _fault_cases())
+def test_fault_random_response(app_kind, seed):
+    """One random response case (see _fault_case) on its kind: the caller's
+    outcome passes _check_fault_outcome, the app finishes, nothing is left
+    running."""
+    case = _fault_case(app_kind, seed)
     probe = Probe()
-
-    class Random(ProbedHandler):
-        protocol_version = "HTTP/1.0" if framing == "close" else "HTTP/1.1"
-        app_probe = probe
-
-        def r_point(self, i):
-            if stall == i:
-                self.wfile.flush()
-                probe.note("stall", ib.cancelled().wait(WAIT))
-            if fault == i:
-                raise AppFault("fault at point %d" % i)
-
-        def do_GET(self):
-            self.r_point(-1)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            if framing == "length":
-                self.send_header("Content-Length", str(len(expected)))
-            elif framing == "chunked":
-                self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            for i, piece in enumerate(pieces):
-                self.r_point(i)
-                if framing != "chunked":
-                    self.wfile.write(piece)
-                elif piece:
-                    self.wfile.write(_chunk(piece))
-                if flushes[i]:
-                    self.wfile.flush()
-            self.r_point(len(pieces))
-            if framing == "chunked":
-                self.wfile.write(b"0\r\n\r\n")
-
-    Random.wbufsize = wbufsize
-    opener = _opener({"api": Random})
-    out = _call(lambda: _exchange(opener, "inproc://api/r", timeout, plan, close_after))
-    status = None
-    if stall is None:
-        status = 500 if fault == -1 else 200
-    _check_outcome(out, expected, faulty=fault is not None or stall is not None, status=status)
-    assert probe.wait_finished(), "the handler never finished (leak)"
-    assert probe.details("stall") in ([], [True])
-
-
-@pytest.mark.parametrize("app_kind, seed", _wsgi_cases())
-def test_fault_random_wsgi_response(app_kind, seed):
-    case = _wsgi_fault_case(app_kind, seed)
-    pieces = case.pieces
-    expected = b"".join(pieces)
-    probe = Probe()
-    holder = {}
-
-    def point(i):
-        if case.stall == i:
-            probe.note("stall", ib.cancelled().wait(WAIT))
-        if case.fault == i:
-            raise AppFault("fault at point %r" % (i,))
-
-    def app(environ, start_response):
-        point(-1)
-        headers = [("Content-Type", "application/octet-stream")]
-        if case.declare_length:
-            headers.append(("Content-Length", str(len(expected))))
-        write = holder["write"] = start_response("200 OK", headers)
-        for i in range(case.written):
-            point(i)
-            write(pieces[i])
-        if case.as_list:
-            return pieces[case.written:]
-        return body()
-
-    def body():
-        for i in range(case.written, len(pieces)):
-            point(i)
-            if case.channels[i] == "iter-write":
-                holder["write"](pieces[i])
-            else:
-                yield pieces[i]
-        point(len(pieces))
-
-    def on_close():
-        point("close")
-
-    opener = _opener({"api": _tracked_wsgi(app, probe, on_close)})
-    out = _call(lambda: _exchange(opener, "inproc://api/r", case.timeout, case.plan,
+    with Bridge({"api": _fault_app(case, probe)}) as bridge:
+        out = _call(lambda: _exchange(bridge.opener, "inproc://api/r", case.timeout, case.plan,
                                       case.close_after))
-    faulty = case.stall is not None or case.fault not in (None, "close")
-    _check_outcome(out, expected, faulty=faulty, status=_wsgi_expected_status(app_kind, case))
-    assert probe.wait_finished(), "the app's iterable was never closed (leak)"
-    assert probe.finished == 1
-    assert probe.details("stall") in ([], [True])
+        assert probe.wait_finished(), "the app never finished (leak)"
+        assert _tasks_drained(bridge) == 0, "request tasks left on the loop"
+    if app_kind == "asgi":
+        assert not bridge.new_threads(), "close() left a thread"
+    _check_fault_outcome(case, out, probe)
 
 
 @pytest.mark.parametrize("seed", FAULT_SEEDS)
@@ -7621,11 +7522,9 @@ def test_fault_random_request_body(app_kind, seed):
 
 
 @pytest.mark.parametrize("kind", READ_KINDS)
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_fault_body_shorter_than_content_length_raises(app_kind, kind, worker_pool):
     probe = Probe()
     body = SOURCE[:3 * PIECE + 10]
-    opener = _opener({"api": _length_app(app_kind, probe, len(body) + 100, body)})
 
     def run():
         got = bytearray()
@@ -7638,20 +7537,23 @@ def test_fault_body_shorter_than_content_length_raises(app_kind, kind, worker_po
                     got += data
         return bytes(got)
 
-    got = _call(run)
-    assert body.startswith(got)
-    assert probe.wait_finished()
+    with Bridge({"api": _length_app(app_kind, probe, len(body) + 100, body)}) as (opener, _):
+        got = _call(run)
+        assert body.startswith(got)
+        assert probe.wait_finished()
     _assert_threads_back(worker_pool)
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_fault_body_longer_than_content_length_is_cut(app_kind, method, worker_pool):
     """Bytes past the Content-Length (or any body for HEAD) are not the
-    caller's: it gets exactly what the header promised, the app is released."""
+    caller's: it gets exactly what the header promised, the app is released --
+    as http.server and wsgiref, which let the client stop at the length.  An
+    ASGI server refuses the message that passes it (uvicorn: RuntimeError to
+    the app, before writing) and the connection drops: the caller's read
+    fails, as over uvicorn, never a silent short body."""
     probe = Probe()
     body = SOURCE[:4 * PIECE] * 20  # 5 MiB: more than a pipe holds
-    opener = _opener({"api": _length_app(app_kind, probe, 1000, body)})
 
     def run():
         req = urllib.request.Request("inproc://api/", method=method)
@@ -7659,8 +7561,13 @@ def test_fault_body_longer_than_content_length_is_cut(app_kind, method, worker_p
             return resp.status, resp.read()
 
     expected = b"" if method == "HEAD" else body[:1000]
-    assert _call(run) == (200, expected)
-    assert probe.wait_finished()
+    with Bridge({"api": _length_app(app_kind, probe, 1000, body)}) as (opener, _):
+        if app_kind == "asgi" and method == "GET":
+            with pytest.raises((OSError, http.client.HTTPException)):
+                _call(run)
+        else:
+            assert _call(run) == (200, expected)
+        assert probe.wait_finished()
     assert probe.details("write-error") in ([], [BrokenPipeError])
     _assert_threads_back(worker_pool)
 
@@ -7719,99 +7626,21 @@ def test_fault_wsgi_write_inside_iterable_keeps_order(app_kind):
     assert probe.wait_finished()
 
 
-@pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_fault_app_ignores_big_request_body(app_kind, worker_pool):
     """An app that answers without reading a request body bigger than a pipe
-    holds: the caller still gets the answer, nobody hangs."""
+    holds (bytes or an iterable): the caller still gets the answer, nobody
+    hangs."""
     probe = Probe()
-    if app_kind == "handler":
+    timeout = WAIT if app_kind == "asgi" else _timeout_for(app_kind)
+    with Bridge({"api": _length_app(app_kind, probe, 2, b"ok")}) as (opener, _):
 
-        class Deaf(ProbedHandler):
-            app_probe = probe
+        def run():
+            for data in (b"x" * (4 * MIB), _fresh_chunks(4 * MIB)):
+                req = urllib.request.Request("inproc://api/", data=data, method="POST")
+                with opener.open(req, timeout=timeout) as resp:
+                    assert (resp.status, resp.read()) == (200, b"ok")
 
-            def do_POST(self):
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-        app = Deaf
-    else:
-
-        def deaf(environ, start_response):
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok"]
-
-        app = _tracked_wsgi(deaf, probe)
-    opener = _opener({"api": app})
-
-    def run():
-        for data in (b"x" * (4 * MIB), _fresh_chunks(4 * MIB)):
-            req = urllib.request.Request("inproc://api/", data=data, method="POST")
-            with opener.open(req, timeout=_timeout_for(app_kind)) as resp:
-                assert (resp.status, resp.read()) == (200, b"ok")
-
-    _call(run)
-    assert probe.wait_finished(2)
+        _call(run)
+        assert probe.wait_finished(2)
     _assert_threads_back(worker_pool)
 
-
-@pytest.mark.parametrize("seed", ASGI_FAULT_SEEDS)
-def test_fault_random_asgi_response(seed):
-    case = _asgi_fault_case(seed)
-    pieces, framing, declared = case["pieces"], case["framing"], case["declared"]
-    fault, stall = case["fault"], case["stall"]
-    full = b"".join(pieces)
-    # What a correct caller reads: all the app sends; with a Content-Length
-    # that is too small, the app's send fails once it passes it, and what a
-    # caller may read cleanly is at most the declared bytes.
-    expected = full[:declared] if framing == "under" else full
-    probe = Probe()
-    with Bridge({"api": _asgi_fault_app(case, probe)}) as bridge:
-        out = _call(lambda: _exchange(bridge.opener, "inproc://api/r", case["timeout"],
-                                      case["plan"], case["close_after"]))
-        assert probe.wait_finished(), "the app task never finished (leak)"
-        assert _tasks_drained(bridge) == 0, "request tasks left on the loop"
-    assert not bridge.new_threads(), "close() left a thread"
-
-    summary = "case=%r status=%r got=%d/%d eof=%r closed_early=%r error=%r events=%r" % (
-        {k: v for k, v in case.items() if k != "pieces"}, out["status"], len(out["body"]),
-        len(expected), out["eof"], out["closed_early"], out["error"], probe.events)
-    errorish = (fault not in (None, "after") or stall is not None or framing in ("over", "under"))
-    if out["status"] == 500:
-        assert fault == -1 and stall != -1, summary
-        assert out["body"] == b"Internal Server Error" or out["body"].startswith(b"A server"), \
-            summary
-    elif stall == -1:
-        assert isinstance(out["error"], socket.timeout), summary
-        assert out["status"] is None, summary
-    else:
-        assert fault != -1, summary
-        assert out["status"] == 200, summary
-        body = out["body"]
-        if out["eof"]:
-            assert body == expected, "a clean end with the wrong bytes: " + summary
-            # A body that cannot reach its Content-Length never ends cleanly.
-            assert framing != "over", summary
-            # Nor does one whose app failed before completing it, when no
-            # Content-Length tells the caller where it ends.
-            midway = isinstance(fault, int) and (stall is None or stall > fault)
-            assert not (framing == "none" and midway), \
-                "the app failed midway, the caller saw a clean end: " + summary
-        else:
-            assert expected.startswith(body) or (framing == "under" and full.startswith(body)), \
-                "bytes the app never sent: " + summary
-            assert out["error"] is not None or out["closed_early"], summary
-        if out["error"] is not None:
-            assert isinstance(out["error"], ALLOWED), summary
-            assert errorish, "an error from a well-behaved app: " + summary
-    # Whatever happened, the app's receive() said the caller was gone.
-    for kind in ("stall", "after-send-error", "end"):
-        for message in probe.details(kind):
-            assert message == {"type": "http.disconnect"}, summary
-    if probe.details("send-error"):
-        assert probe.details("send-error") == [BrokenPipeError], summary
-
-
-def test_load_asgi_500_open_streams_on_one_loop():
-    _asgi_load(500, 8)
