@@ -89,7 +89,8 @@ copy fails); Python looks in the script's own directory first, so to measure
 a frozen copy of the module, run a copy of this script placed beside it.  The
 report shows the module's path and SHA-256 and warns if the file changed while
 the run was going on.  ``--rounds`` repeats each pair
-(default 1: the counts move by well under 1 % from run to run), ``--columns``
+(default 1: a count moves by about 1 % from run to run, up to 2 % for
+uvicorn), ``--columns``
 measures only some columns, ``--jobs`` runs children side by side (their
 counts do not depend on it) and ``--callgrind-dir`` keeps the output files for
 ``callgrind_annotate``.  The table gives each count as a share of its loopback
@@ -1581,6 +1582,13 @@ def _run_child(valgrind, workload, key, k, warmup, outdir, env, tag):
         return None, result, seconds
 
 
+def _fmt_ratio(value):
+    # Small ratios (OP's) keep three digits after the point.
+    if value is None:
+        return "-"
+    return ("%.2fx" if value >= 0.1 else "%.3fx") % value
+
+
 def _fmt_ir(value):
     if value is None:
         return "-"
@@ -1740,8 +1748,7 @@ def run_instructions(args, cfg, command, machine):
         mark = ("FAILED" if row["failed"] else "skipped" if row["skipped"]
                 else "no data" if row["per_request"] is None else "")
         lines.append((row["label"], row["unit"], row["column"], _fmt_ir(row["per_request"]),
-                      "-" if row["of_baseline"] is None else "%.2fx" % row["of_baseline"],
-                      "-" if row["of_floor"] is None else "%.2fx" % row["of_floor"],
+                      _fmt_ratio(row["of_baseline"]), _fmt_ratio(row["of_floor"]),
                       _spread(row["per_request"], row["rounds"]), mark))
     table_rows = [dict(row, metric=row["workload"]) for row in rows]
     _render(header, table_rows, lines, {3, 4, 5, 6})
@@ -1807,10 +1814,11 @@ def run_instructions(args, cfg, command, machine):
     if target_rows:
         print()
         header = ("workload", "target (instructions)", "measured", "")
-        lines = [(r["workload"], r["target"], "-" if r["ratio"] is None else "%.2fx" % r["ratio"],
+        lines = [(r["workload"], r["target"], _fmt_ratio(r["ratio"]),
                   "no data: %s" % r["why_no_data"] if r["met"] is None
                   else "met" if r["met"] else "MISSED") for r in target_rows]
         _render(header, [dict(r, metric=None) for r in target_rows], lines, {2})
+    if any(r["against"] == "asgi" for r in target_rows):
         print()
         print(textwrap.fill(
             "The issue states the ASGI target as speed (>= 1.5x faster than httpx "

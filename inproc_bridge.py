@@ -2818,6 +2818,10 @@ class InProcHandler(urllib.request.BaseHandler):
 # ---------------------------------------------------------------------------
 
 
+# The environment OpenSSL consults when urllib makes its default SSL context.
+_TLS_ENVIRON = ("SSL_CERT_FILE", "SSL_CERT_DIR", "OPENSSL_CONF")
+
+
 class OpenerFactory:
     """Hands out ``OpenerDirector`` objects that reach the apps mounted here.
 
@@ -2870,10 +2874,12 @@ class OpenerFactory:
         if cls is None or any(isinstance(h, cls) or (isinstance(h, type) and issubclass(h, cls))
                               for h in handlers):
             return []  # build_opener adds none either, or the caller brought one
-        template = self._tls
-        if template is None or type(template) is not cls:
-            template = self._tls = cls()
-        context = getattr(template, "_context", None)
+        # A new context when what OpenSSL reads at its creation changed, as a
+        # new build_opener() would see it.
+        key = (cls, *(os.environ.get(name) for name in _TLS_ENVIRON))
+        if self._tls is None or self._tls[0] != key:
+            self._tls = (key, cls())
+        context = getattr(self._tls[1], "_context", None)
         if context is None:
             return []
         return [cls(context=context)]

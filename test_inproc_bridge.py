@@ -2845,6 +2845,17 @@ def test_factory_openers_have_urllibs_https_handler_with_its_tls_settings():
     assert _tls_settings(one._context) == _tls_settings(plain._context)
 
 
+def test_factory_openers_see_a_changed_ca_environment(monkeypatch, tmp_path):
+    factory = ib.OpenerFactory({"api": _wsgi()})
+    (before,) = _https_handlers(factory.opener_for())
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+    (after,) = _https_handlers(factory.opener_for())
+    (again,) = _https_handlers(factory.opener_for())
+    if before._context is not None:  # 3.12+: one context per environment
+        assert after._context is not before._context
+        assert again._context is after._context
+
+
 @pytest.mark.parametrize("given", ["instance", "class"])
 def test_factory_opener_keeps_the_callers_https_handler(given):
     import ssl
