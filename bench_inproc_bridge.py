@@ -1416,22 +1416,15 @@ def instruction_columns(uvicorn, peer_keys):
 # (workload, column counted, column it is set against, "<=" or ">=", limit,
 # text): the instruction targets of the performance issue.  The ratio is the
 # first column's count over the second's.
-INSTR_TARGETS = (
-    ("W1", "handler", "handler-loop", "<=", 0.5,
-     "handler class <= 0.5x http.server loopback"),
-    ("W2", "handler", "handler-loop", "<=", 0.5,
-     "handler class <= 0.5x http.server loopback"),
-    ("W1", "wsgi", "peer-werkzeug", "<=", 0.55,
-     "WSGI, no timeout <= 0.55x werkzeug test client"),
-    ("W2", "wsgi", "peer-werkzeug", "<=", 0.55,
-     "WSGI, no timeout <= 0.55x werkzeug test client"),
-    ("W1", "peer-httpx-asgi", "asgi", ">=", 1.5,
-     "httpx ASGITransport >= 1.5x ASGI app"),
-    ("W2", "peer-httpx-asgi", "asgi", ">=", 1.5,
-     "httpx ASGITransport >= 1.5x ASGI app"),
-    ("OP", "opener-for", "build-opener", "<=", 0.05,
-     "opener_for() <= 0.05x build_opener()"),
-)
+INSTR_TARGETS = tuple(
+    (workload, *target)
+    for target in (
+        ("handler", "handler-loop", "<=", 0.5, "handler class <= 0.5x http.server loopback"),
+        ("wsgi", "peer-werkzeug", "<=", 0.55, "WSGI, no timeout <= 0.55x werkzeug test client"),
+        ("peer-httpx-asgi", "asgi", ">=", 1.5, "httpx ASGITransport >= 1.5x ASGI app"),
+    )
+    for workload in ("W1", "W2")
+) + (("OP", "opener-for", "build-opener", "<=", 0.05, "opener_for() <= 0.05x build_opener()"),)
 
 
 def _file_sha256(path):
