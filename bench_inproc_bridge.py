@@ -1416,15 +1416,15 @@ def instruction_columns(uvicorn, peer_keys):
 # (workload, column counted, column it is set against, "<=" or ">=", limit,
 # text): the instruction targets of the performance issue.  The ratio is the
 # first column's count over the second's.
-INSTR_TARGETS = tuple(
-    (workload, *target)
-    for target in (
-        ("handler", "handler-loop", "<=", 0.5, "handler class <= 0.5x http.server loopback"),
-        ("wsgi", "peer-werkzeug", "<=", 0.55, "WSGI, no timeout <= 0.55x werkzeug test client"),
-        ("peer-httpx-asgi", "asgi", ">=", 1.5, "httpx ASGITransport >= 1.5x ASGI app"),
-    )
-    for workload in ("W1", "W2")
-) + (("OP", "opener-for", "build-opener", "<=", 0.05, "opener_for() <= 0.05x build_opener()"),)
+_TARGETS_PER_WORKLOAD = (
+    ("handler", "handler-loop", "<=", 0.5, "handler class <= 0.5x http.server loopback"),
+    ("wsgi", "peer-werkzeug", "<=", 0.55, "WSGI, no timeout <= 0.55x werkzeug test client"),
+    ("peer-httpx-asgi", "asgi", ">=", 1.5, "httpx ASGITransport >= 1.5x ASGI app"),
+)
+INSTR_TARGETS = (
+    *((workload, *target) for target in _TARGETS_PER_WORKLOAD for workload in ("W1", "W2")),
+    ("OP", "opener-for", "build-opener", "<=", 0.05, "opener_for() <= 0.05x build_opener()"),
+)
 
 
 def _file_sha256(path):
