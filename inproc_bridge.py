@@ -25,6 +25,7 @@ their requests with a call-site ``Source``; the app reads it with
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import email.utils
 import errno
@@ -80,9 +81,70 @@ __all__ = [
     "BodyPipe",
     # marks an ASGI app that detection would take for WSGI
     "ASGIApp",
+    # test doubles: the call journal and faults
+    "Call",
+    "Calls",
+    "Fault",
 ]
 
 _log = logging.getLogger(__name__)
+
+
+# Theory of operation
+# -------------------
+#
+# One request is one *exchange* (``_Exchange``), whatever the app kind.  The
+# urllib side builds the request once (``_Request``: method, target, headers
+# and body checked as http.client checks them), finds the mount, and hands
+# both to the adapter of the app's kind -- a handler class, a WSGI app, an
+# ASGI app.  An adapter speaks its app's protocol and nothing else: what the
+# response *is* (its head checks and defaults, the 500 page, a late failure
+# turned into the caller's read error, the caller leaving) is the exchange's
+# alone, as wsgiref's ``BaseHandler`` sits over ``_write``.  Its state:
+#
+#     waiting --respond()--> streaming --finish()--> done
+#        |                      |
+#        +------fail()----------+--> failed   (500 page, or the reader's error)
+#        +--leave() / abort()---+--> left     (the caller, or the server, hung up)
+#
+# ``_NEXT`` holds the transitions; ``_Exchange._to`` is the only place the
+# state changes.  The response travels on one of three channels:
+#
+# * a handler class writes raw HTTP into a ``BodyPipe`` that http.client
+#   reads on the caller's side, as from a socket (``raw``);
+# * a WSGI app given a timeout and every ASGI app run elsewhere: the head
+#   goes through a one-shot ``_HeadSlot`` (which has its own timeout), the
+#   body through a ``BodyPipe`` (``slot``);
+# * a WSGI app with no timeout runs in the caller's thread, as Werkzeug's
+#   test client runs one: the caller pulls its iterable as it reads, and no
+#   thread hop happens at all (``inline``).
+#
+# Threads and their owners.  Handler classes and timed WSGI apps run on the
+# module's pool of daemon workers (``_workers``); ASGI apps run as tasks on
+# an event loop in a daemon thread that the mount table owns (one per
+# ``InProcHandler`` or ``OpenerFactory``, started on first use, stopped by
+# ``close()``).  The caller's thread never runs the loop.  After ``fork()``
+# the pool, the locks and the loops start afresh in the child, and an
+# exchange begun before it fails at once there (``_fork_generation``).
+#
+# Pipe ends.  The app's side writes a response pipe and closes its writing
+# end (``close_writer``, maybe with the error the reader must raise); the
+# caller's response object owns the reading end and is the only one to
+# close it.  A request body that is not all in memory streams the other way
+# through a second pipe that only the caller's thread writes, so nothing but
+# the caller's thread ever touches the caller's body object.
+#
+# How "the caller left" travels.  Closing the response (or dropping it, or
+# its timeout passing) closes the reading end; the pipe calls the exchange's
+# ``leave()``, which sets ``cancelled()``, makes the app's next write raise
+# ``BrokenPipeError`` and, for ASGI, wakes ``receive()`` with
+# ``http.disconnect``.  ``abort(error)`` is the same seen from the server's
+# side (a closing bridge): the caller also gets ``error``.
+#
+# What runs in the caller's thread, and why: the request checks, urllib's
+# processors, feeding a streamed request body (backpressure on the caller's
+# own producer), waiting for the head, and -- with no timeout to keep -- a
+# WSGI app itself, because a thread hop costs more than a small request.
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -99,11 +161,28 @@ CLIENT_ADDRESS = ("127.0.0.1", 0)
 #: Seconds an idle worker thread waits for a new request before it exits.
 WORKER_IDLE_SECONDS = 10.0
 
+#: Seconds an ASGI app gets to finish its lifespan startup (``mount`` raises
+#: ``BridgeError`` after that) or its lifespan shutdown (``unmount`` and
+#: ``close`` go on after that).
+LIFESPAN_TIMEOUT = 60.0
+
+#: Seconds ``close()`` gives the ASGI requests and tasks it cancels to end.
+ASGI_CLOSE_GRACE = 5.0
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # What wsgiref answers when an app fails before responding.
 _ERROR_STATUS = "500 Internal Server Error"
 _ERROR_BODY = b"A server error occurred.  Please contact the administrator."
+
+# A request up to this size is held until http.client has sent all of it and
+# handed to a handler class as one in-memory file: no request pipe, no hop
+# per write.  A larger or longer one streams through a BodyPipe.
+_HOLD_LIMIT = 1 << 16
+
+# Request body bytes one ASGI http.request message carries at most; bytes a
+# pipe read joins into one chunk at most.
+_RECEIVE_LIMIT = 1 << 16
 
 # RFC 9110 token characters for header names; values may not carry control
 # characters other than tab (http.client itself refuses only line breaks, so
@@ -151,43 +230,9 @@ class Source(str):
 
 SOURCE_AGENTS = Source("agents")
 
-
-class _Exchange:
-    """What an app may learn about the request it serves, out of band."""
-
-    __slots__ = ("name", "source", "actor", "gone", "_event")
-
-    def __init__(self, name: str, source: Optional[Source], actor: Any) -> None:
-        self.name = name
-        self.source = source
-        self.actor = actor
-        self.gone = False
-        self._event: Optional[threading.Event] = None
-
-    def leave(self) -> None:
-        """The caller closed, dropped or timed out on the response."""
-        self.gone = True
-        event = self._event
-        if event is not None:
-            event.set()
-
-    def event(self) -> threading.Event:
-        # Built on first use: most requests never ask, and an Event costs
-        # more than the rest of a small request's bookkeeping.
-        event = self._event
-        if event is None:
-            with _EVENT_LOCK:
-                event = self._event
-                if event is None:
-                    event = self._event = threading.Event()
-            # leave() sets ``gone`` before it reads ``_event``; checking after
-            # publishing covers a caller that left in between.
-            if self.gone:
-                event.set()
-        return event
-
-
-_EVENT_LOCK = threading.Lock()
+# Guards the exchanges' state and their lazily made events: held for a few
+# instructions at a time, so one lock for all of them costs nothing.
+_LOCK = threading.Lock()
 _exchange: contextvars.ContextVar[Optional[_Exchange]] = contextvars.ContextVar(
     "inproc_bridge_exchange", default=None
 )
@@ -223,123 +268,193 @@ def _effective_timeout(timeout: Any) -> Optional[float]:
     return timeout  # type: ignore[no-any-return]
 
 
-def _failure(name: str, when: str, exc: BaseException) -> ConnectionResetError:
-    """The error a reader gets when the app failed mid-response."""
-    err = ConnectionResetError(
-        errno.ECONNRESET,
-        "in-process app %r failed %s: %s: %s" % (name, when, type(exc).__name__, exc),
-    )
-    err.__cause__ = exc
-    return err
-
-
-def _log_app_error(exchange: _Exchange, when: str, exc: BaseException) -> None:
-    if exchange.gone and isinstance(exc, OSError):
-        # The caller left and the app's next write said so: the normal way a
-        # streaming app learns it, not a fault.
-        _log.debug("app %r stopped after its caller left: %r", exchange.name, exc)
-        return
-    _log.error(
-        "in-process app %r raised %s (source=%s, actor=%r)",
-        exchange.name,
-        when,
-        exchange.source,
-        exchange.actor,
-        exc_info=(type(exc), exc, exc.__traceback__),
-        extra={"inproc_source": exchange.source, "inproc_actor": exchange.actor},
-    )
-
-
 # ---------------------------------------------------------------------------
 # The pipe
 # ---------------------------------------------------------------------------
 
 
-class _End:
-    """Queued after the last chunk; carries the error the writer ended with."""
+class _ChunkReader(io.RawIOBase):
+    """A raw reader over chunks that a subclass produces one at a time
+    (``_next_chunk``): the one ``readinto``/``readall`` of the pipe, the
+    caller's streamed request body and a WSGI iterable pulled in the
+    caller's thread."""
 
-    __slots__ = ("error",)
+    _chunk = memoryview(b"")  # what is left of the current chunk
 
-    def __init__(self, error: Optional[BaseException]) -> None:
-        self.error = error
+    def readable(self) -> bool:
+        return True
+
+    def _next_chunk(self, want: int) -> Optional[bytes]:
+        """The next non-empty chunk (``want`` is a hint), ``None`` at the end."""
+        raise NotImplementedError
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        if not len(view):
+            return 0
+        chunk = self._chunk
+        if not len(chunk):
+            data = self._next_chunk(len(view))
+            if data is None:
+                return 0
+            chunk = memoryview(data)
+        n = min(len(view), len(chunk))
+        view[:n] = chunk[:n]
+        self._chunk = chunk[n:]
+        return n
+
+    def readall(self) -> bytes:
+        parts = [self._chunk.tobytes()] if len(self._chunk) else []
+        self._chunk = memoryview(b"")
+        while True:
+            data = self._next_chunk(PIPE_LIMIT)
+            if data is None:
+                return b"".join(parts)
+            parts.append(data)
 
 
-class _ChunkQueue(queue.Queue):  # type: ignore[type-arg]
-    """A ``queue.Queue`` bounded by bytes: an item weighs its length (a marker
-    weighs 1), so the bound holds whatever size the writer's chunks are."""
+class _Chunks:
+    """What lies between a ``BodyPipe``'s two ends: a ``queue.SimpleQueue``
+    of ``bytes`` chunks, bounded by their total length (the bound holds
+    whatever size the writer's chunks are) with a gate the writer waits at.
 
-    def __init__(self, maxsize: int) -> None:
-        # queue.Queue builds three Conditions; one serves here, since a queue
-        # bounded by bytes is never empty and full at once, so its waiters
-        # are all readers or all writers.  Halves the cost of a pipe (5.5 ->
-        # 3.0 us measured), paid twice per handler-class request.
-        self.maxsize = maxsize
-        self._init(maxsize)
-        self.mutex = threading.Lock()
-        self.not_empty = self.not_full = self.all_tasks_done = threading.Condition(self.mutex)
-        self.unfinished_tasks = 0
+    A ``queue.Queue`` builds three Conditions per queue, which cost more than
+    all the rest of a small request's pipe (each raises and catches three
+    AttributeErrors on 3.8 to 3.12); the C ``SimpleQueue`` hands a chunk
+    over with one lock.  Items are bytes only: the end of the stream is an
+    empty chunk (a zero-length write is no item), and how it ended is state
+    (``error``).  ``wake`` is armed by an event loop's end, which never
+    blocks: the other end calls it after its next put, get or end."""
 
-    def _init(self, maxsize: int) -> None:
-        self.queue: collections.deque[Any] = collections.deque()
-        self.level = 0
+    __slots__ = ("limit", "level", "ended", "error", "broken", "reader_gone", "wake", "_items",
+                 "_lock", "_gate", "_eof")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.level = 0  # bytes queued
+        self.ended = False
+        self.error: Optional[BaseException] = None  # the reader raises it after the bytes
+        self.broken = False  # the reader closed, or the stream was cut: no more puts
         self.reader_gone = False
+        self.wake: Optional[Callable[[], None]] = None
+        self._items: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # level, the flags and the gate
+        self._gate: Optional[threading.Lock] = None  # held; a blocked writer waits on it
+        self._eof = False  # the reader took the end (the reader's own)
 
-    def _qsize(self) -> int:
-        return self.level
+    def _poke(self) -> None:
+        wake = self.wake
+        if wake is not None:
+            self.wake = None
+            wake()
 
-    def _put(self, item: Any) -> None:
-        self.queue.append(item)
-        self.level += len(item) if type(item) is bytes else 1
+    def _open_gate(self) -> None:
+        # With the lock held.
+        gate = self._gate
+        if gate is not None:
+            self._gate = None
+            gate.release()
 
-    def _get(self) -> Any:
-        item = self.queue.popleft()
-        self.level -= len(item) if type(item) is bytes else 1
-        return item
+    # -- the writer's end ---------------------------------------------------
 
-    def push(self, item: Any, timeout: Optional[float], bounded: bool = True) -> None:
-        with self.not_full:
-            if bounded and self.level >= self.maxsize and not self.reader_gone:
-                if not self.not_full.wait_for(self._has_room, timeout):
-                    raise socket.timeout("timed out")
-            if self.reader_gone:
-                raise BrokenPipeError(errno.EPIPE, "the reading end of the pipe is closed")
-            self._put(item)
-            self.not_empty.notify()
-
-    def _has_room(self) -> bool:
-        return self.level < self.maxsize or self.reader_gone
-
-    def pull(self, limit: int, timeout: Optional[float]) -> List[Any]:
-        """Every queued item up to ``limit`` bytes (at least one): a reader
-        that wakes up takes all that is waiting, not one chunk per hop."""
-        with self.not_empty:
-            if not self.queue and not self.not_empty.wait_for(self._qsize, timeout):
+    def _room(self, timeout: Optional[float]) -> None:
+        # With the lock held: return once the chunk may go in.
+        while self.level >= self.limit and not self.broken:
+            gate = self._gate = threading.Lock()
+            gate.acquire()
+            self._lock.release()
+            try:
+                opened = gate.acquire(True, -1 if timeout is None else timeout)
+            finally:
+                self._lock.acquire()
+            if not opened:
+                self._gate = None
                 raise socket.timeout("timed out")
-            return self._take(limit)
+        if self.broken:
+            raise BrokenPipeError(errno.EPIPE, "the reading end of the pipe is closed")
 
-    def _take(self, limit: int) -> List[Any]:
-        # With the mutex held and the queue not empty.
-        items = [self._get()]
-        taken = len(items[0]) if type(items[0]) is bytes else 0
-        while self.queue and taken < limit:
-            item = self._get()
-            items.append(item)
-            if type(item) is not bytes:
-                break
-            taken += len(item)
-        self.not_full.notify()
-        return items
+    def put(self, data: bytes, timeout: Optional[float]) -> None:
+        """Queue ``data`` (not empty), waiting while the pipe is full."""
+        with self._lock:
+            self._room(timeout)
+            self.level += len(data)
+            self._items.put(data)
+        self._poke()
+
+    def try_put(self, data: bytes) -> bool:
+        """``put`` that never waits: False while the pipe is full."""
+        with self._lock:
+            if self.level >= self.limit and not self.broken:
+                return False
+            self._room(None)
+            self.level += len(data)
+            self._items.put(data)
+        return True
+
+    def end(self, error: Optional[BaseException], broken: bool = False) -> None:
+        """The writer is done (``error``: what the reader raises after the
+        bytes); ``broken`` also fails the writer's next put."""
+        with self._lock:
+            if not self.ended:
+                self.ended = True
+                self.error = error
+                self._items.put(b"")
+            if broken:
+                self.broken = True
+                self._open_gate()
+        self._poke()
+
+    # -- the reader's end ---------------------------------------------------
+
+    def get(self, timeout: Optional[float]) -> bytes:
+        """Queued bytes (what waits, joined up to _RECEIVE_LIMIT: a reader
+        that wakes takes it all, not one chunk per hop); ``b""`` at the end;
+        ``queue.Empty`` when ``timeout`` passes first."""
+        if self._eof:
+            return b""
+        items = self._items
+        data = items.get(True, timeout)
+        if data and items.qsize() and len(data) < _RECEIVE_LIMIT:
+            parts = [data]
+            size = len(data)
+            while size < _RECEIVE_LIMIT and items.qsize():
+                part = items.get_nowait()
+                if not part:
+                    self._eof = True
+                    break
+                parts.append(part)
+                size += len(part)
+            data = b"".join(parts)
+        if not data:
+            self._eof = True
+            return data
+        with self._lock:
+            self.level -= len(data)
+            if self.level < self.limit:
+                self._open_gate()
+        self._poke()
+        return data
+
+    def ready(self) -> bool:
+        """Whether ``get`` would return at once."""
+        return self._eof or bool(self._items.qsize())
+
+    @property
+    def drained(self) -> bool:
+        """The writer ended cleanly and only the end is left (or taken)."""
+        return self.ended and self.error is None and (self._eof or self._items.qsize() <= 1)
 
     def drop_reader(self) -> None:
-        with self.mutex:
-            self.reader_gone = True
-            self.queue.clear()
+        with self._lock:
+            self.broken = self.ended = self.reader_gone = True
             self.level = 0
-            self.not_full.notify_all()
+            self._open_gate()
+        self._poke()
 
 
-class BodyPipe(io.RawIOBase):
-    """A one-way byte pipe between two threads, backed by a ``queue.Queue``.
+class BodyPipe(_ChunkReader):
+    """A one-way byte pipe between two threads, backed by a queue of chunks
+    (the ``queue`` module's ``SimpleQueue``).
 
     The writer calls ``write()`` and ends with ``close_writer()`` -- or
     ``close_writer(error)``, which the reader raises once it has read the
@@ -355,8 +470,11 @@ class BodyPipe(io.RawIOBase):
       make a blocked call raise ``socket.timeout``; after a read times out the
       pipe refuses further reads, as a socket file does.
     * ``close()`` is the reader's: it is idempotent, discards what is queued,
-      and makes the writer's next (or blocked) ``write()`` raise
-      ``BrokenPipeError``.
+      calls ``on_close`` once, and makes the writer's next (or blocked)
+      ``write()`` raise ``BrokenPipeError``.
+    * ``abort(error)`` cuts the stream from outside, as a dropped connection:
+      the reader gets ``error`` after what was written, the writer's next
+      ``write()`` raises ``BrokenPipeError``.
     """
 
     def __init__(
@@ -365,18 +483,17 @@ class BodyPipe(io.RawIOBase):
         *,
         read_timeout: Optional[float] = None,
         write_timeout: Optional[float] = None,
+        on_close: Optional[Callable[[], None]] = None,
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1 byte")
         super().__init__()
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
-        self._queue = _ChunkQueue(limit)
-        self._chunk: Optional[memoryview] = None
-        self._end: Optional[_End] = None
+        self._queue = _Chunks(limit)
         self._writer_done = False
         self._timed_out = False
-        self._on_close: Optional[Callable[[], None]] = None
+        self._on_close = on_close
         self._generation = _fork_generation
 
     # -- writer side --------------------------------------------------------
@@ -393,7 +510,7 @@ class BodyPipe(io.RawIOBase):
         if self._generation != _fork_generation:
             raise _forked_away()
         if data:
-            self._queue.push(data, self.write_timeout)
+            self._queue.put(data, self.write_timeout)
         return len(data)
 
     def close_writer(self, error: Optional[BaseException] = None) -> None:
@@ -403,29 +520,29 @@ class BodyPipe(io.RawIOBase):
         if self._writer_done:
             return
         self._writer_done = True
-        if self._generation != _fork_generation:
-            return  # nobody in this process reads it
-        try:
-            self._queue.push(_End(error), None, bounded=False)
-        except BrokenPipeError:
-            pass
+        if self._generation == _fork_generation:  # else nobody in this process reads it
+            self._queue.end(error)
+
+    def abort(self, error: Optional[BaseException]) -> None:
+        """Cut the stream as a dropped connection does (any thread; never
+        blocks): see the class docstring.  With ``error=None`` the reader
+        gets EOF after what was written."""
+        if self._generation == _fork_generation:
+            self._queue.end(error, broken=True)
 
     @property
     def reader_closed(self) -> bool:
         """True once the reader has closed its end."""
         return self._queue.reader_gone
 
+    @property
+    def timed_out(self) -> bool:
+        """True once a read has timed out."""
+        return self._timed_out
+
     # -- reader side --------------------------------------------------------
 
-    def readable(self) -> bool:
-        return True
-
-    def _refill(self, limit: int) -> Optional[memoryview]:
-        """Take what is queued as the current chunk; None at the end."""
-        if self._end is not None:
-            if self._end.error is not None:
-                raise self._end.error
-            return None
+    def _next_chunk(self, want: int) -> Optional[bytes]:
         if self.closed:
             raise ValueError("read from a closed pipe")
         if self._timed_out:
@@ -433,91 +550,52 @@ class BodyPipe(io.RawIOBase):
         if self._generation != _fork_generation:
             raise _forked_away()
         try:
-            items = self._queue.pull(limit, self.read_timeout)
-        except socket.timeout:
+            data = self._queue.get(self.read_timeout)
+        except queue.Empty:
             self._timed_out = True
-            raise
-        chunks = []
-        for item in items:
-            if type(item) is bytes:
-                chunks.append(item)
-            elif isinstance(item, _End):
-                self._end = item
-        if not chunks:
-            return self._refill(limit)
-        self._chunk = memoryview(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        return self._chunk
-
-    def readinto(self, b: Any) -> int:
-        view = memoryview(b).cast("B")
-        want = len(view)
-        if not want:
-            return 0
-        chunk = self._chunk
-        if chunk is None:
-            chunk = self._refill(want)
-            if chunk is None:
-                return 0
-        n = min(want, len(chunk))
-        view[:n] = chunk[:n]
-        self._chunk = chunk[n:] if n < len(chunk) else None
-        return n
-
-    def readall(self) -> bytes:
-        parts = []
-        while True:
-            if self._chunk is not None:
-                parts.append(self._chunk.tobytes())
-                self._chunk = None
-            if self._refill(PIPE_LIMIT) is None:
-                return b"".join(parts)
+            raise socket.timeout("timed out") from None
+        if data:
+            return data
+        if self._queue.error is not None:
+            raise self._queue.error
+        return None
 
     def close(self) -> None:
         """Close the reading end (idempotent): the writer's next write raises
         ``BrokenPipeError``."""
-        if not self.closed and hasattr(self, "_queue"):  # __init__ may have refused its args
-            if self._generation != _fork_generation:
-                # Made before fork(): its lock may be held by a thread that
-                # does not exist here, and no writer here waits on it.
-                self._on_close = None
-                super().close()
-                return
+        if self.closed or not hasattr(self, "_queue"):  # __init__ may have refused its args
+            super().close()
+            return
+        on_close, self._on_close = self._on_close, None
+        self._chunk = memoryview(b"")
+        if self._generation == _fork_generation:
+            # (Made before fork(), its lock may be held by a thread that does
+            # not exist here, and no writer here waits on it.)
             self._queue.drop_reader()
-            self._chunk = None
-            on_close, self._on_close = self._on_close, None
             if on_close is not None:
                 on_close()
         super().close()
 
-    def _put_head(self, head: Any) -> None:
-        # The WSGI worker path sends status and headers through the same
-        # queue as the body, so the caller waits on one thing.
-        self._queue.push(head, None, bounded=False)
 
-    def _take_head(self) -> Any:
-        # The head is (code, reason, headers, first chunk); the first chunk
-        # goes back in front of the rest of the body.  On any failure the
-        # reader closes: the caller never gets a response to close.
-        try:
-            if self._generation != _fork_generation:
-                raise _forked_away()
-            try:
-                (item,) = self._queue.pull(0, self.read_timeout)
-            except socket.timeout:
-                self._timed_out = True
-                raise
-            if isinstance(item, _End):
-                self._end = item
-                if item.error is not None:
-                    raise item.error
-                raise http.client.RemoteDisconnected("in-process app ended without a response")
-        except BaseException:
-            self.close()
-            raise
-        if item[3]:
-            self._chunk = memoryview(item[3])
-        return item
+class _HeadSlot:
+    """The one-shot hand-over of a response head (or of the error that takes
+    its place) from the app's thread to the caller, with its own timeout."""
 
+    __slots__ = ("_ready", "_value")
+
+    def __init__(self) -> None:
+        self._ready = threading.Lock()
+        self._ready.acquire()
+        self._value: Any = None
+
+    def put(self, value: Any) -> None:
+        self._value = value
+        self._ready.release()
+
+    def take(self, timeout: Optional[float]) -> Any:
+        if not self._ready.acquire(timeout=-1 if timeout is None else timeout):
+            raise socket.timeout("timed out")
+        return self._value
 
 # ---------------------------------------------------------------------------
 # Worker threads
@@ -598,6 +676,7 @@ _workers = _Workers()
 _fork_generation = 0
 _loops: weakref.WeakSet[_ASGILoop] = weakref.WeakSet()
 _tables: weakref.WeakSet[_Mounts] = weakref.WeakSet()
+_journals: weakref.WeakSet[Calls] = weakref.WeakSet()
 
 
 def _forked_away() -> ConnectionResetError:
@@ -607,12 +686,14 @@ def _forked_away() -> ConnectionResetError:
 
 
 def _after_fork_in_child() -> None:
-    global _fork_generation, _workers, _EVENT_LOCK
+    global _fork_generation, _workers, _LOCK
     _fork_generation += 1
     _workers = _Workers()
-    _EVENT_LOCK = threading.Lock()
+    _LOCK = threading.Lock()
     for table in list(_tables):
         table.after_fork()
+    for journal in list(_journals):
+        journal.after_fork()
     for runner in list(_loops):
         runner.after_fork()
 
@@ -621,8 +702,713 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # ---------------------------------------------------------------------------
-# Server side: the http.server shim
+# The exchange: one request's life on the response side, for every app kind
 # ---------------------------------------------------------------------------
+
+_Head = Tuple[int, str, List[Tuple[str, str]]]
+
+_WAITING, _STREAMING, _DONE, _FAILED, _LEFT = "waiting", "streaming", "done", "failed", "left"
+
+#: Where each state may go.  Only ``abort`` and ``fail`` ask where it came from.
+_NEXT: Dict[str, Tuple[str, ...]] = {
+    _WAITING: (_STREAMING, _FAILED, _LEFT),
+    _STREAMING: (_DONE, _FAILED, _LEFT),
+    _DONE: (_LEFT,),  # the caller closed a complete response: cancelled() is set
+    _FAILED: (_LEFT,),
+    _LEFT: (),
+}
+
+#: Head rules that differ by app kind, as the servers they stand for differ:
+#: PEP 3333 forbids hop-by-hop headers from a WSGI app (wsgiref refuses
+#: them); uvicorn frames an ASGI app's response by the headers it sends.
+_HOP_BY_HOP_ALLOWED = {"WSGI": False, "ASGI": True}
+
+
+def _failure(name: str, when: str, exc: BaseException) -> ConnectionResetError:
+    """The error a reader gets when the app failed mid-response."""
+    err = ConnectionResetError(
+        errno.ECONNRESET,
+        "in-process app %r failed %s: %s: %s" % (name, when, type(exc).__name__, exc),
+    )
+    err.__cause__ = exc
+    return err
+
+
+def _log_app_error(exchange: _Exchange, when: str, exc: BaseException) -> None:
+    if exchange.state == _LEFT and isinstance(exc, OSError):
+        # The caller left and the app's next write said so: the normal way a
+        # streaming app learns it, not a fault.
+        # (The record holds text, not exc: a kept record must not keep the
+        # app's frames, and what they hold, alive.)
+        _log.debug("app %r stopped after its caller left: %s", exchange.name, _describe(exc))
+        return
+    _log.error(
+        "in-process app %r raised %s (source=%s, actor=%r)",
+        exchange.name,
+        when,
+        exchange.source,
+        exchange.actor,
+        exc_info=(type(exc), exc, exc.__traceback__),
+        extra={"inproc_source": exchange.source, "inproc_actor": exchange.actor},
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return "%s: %s" % (type(exc).__name__, exc)
+
+
+_date_cache: List[Any] = [0, ""]
+
+
+def _http_date() -> str:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[1] = email.utils.formatdate(now, usegmt=True)
+        _date_cache[0] = now
+    return _date_cache[1]  # type: ignore[no-any-return]
+
+
+def _header_field(name: str, value: str, kind: str, shown: Any) -> Tuple[str, str]:
+    """One header of a WSGI or ASGI app's head as the caller will see it,
+    checked by the rules every kind shares (``shown`` goes in the error)."""
+    if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+        raise ValueError("invalid %s response header %r" % (kind, shown))
+    if not _HOP_BY_HOP_ALLOWED[kind] and name.lower() in _HOP_BY_HOP:
+        raise ValueError("hop-by-hop header %r not allowed from a %s app" % (name, kind))
+    # As the caller would see it after http.client parsed it off the wire:
+    # leading spaces and tabs go, trailing ones stay (Django's Set-Cookie
+    # values start with a space).
+    return name, value.lstrip(" \t") if value[:1] in (" ", "\t") else value
+
+
+class _Exchange:
+    """One request, from the app's first step to the caller's last read.
+
+    It holds what an app may learn out of band (``name``, ``source``,
+    ``actor``, ``cancelled()``) and the response side: the state (see the
+    theory of operation) and the channel to the caller -- ``pipe`` and
+    ``slot`` (head through the slot, body through the pipe), ``pipe`` alone
+    with ``raw`` (a handler class writes HTTP itself), or neither (the
+    caller's thread takes ``head`` and ``first`` when the app's step
+    returns).  Adapters call ``respond``, ``write`` (or ``forward``),
+    ``finish`` and ``fail``; the caller's side calls ``leave``, the
+    server's side ``abort``.  Every body byte on its way to the caller
+    passes ``account``, where the call journal and a ``Fault`` see it.
+    """
+
+    # What most exchanges never change is a class default, not set per
+    # request (no __slots__: a small request costs less this way).
+    pipe: Optional[BodyPipe] = None
+    slot: Optional[_HeadSlot] = None
+    raw = False
+    head: Optional[_Head] = None
+    first = b""  # the body bytes that came with the head (caller's thread)
+    error: Optional[BaseException] = None  # abort()'s, for a caller that pulls
+    short: Optional[BaseException] = None  # a Fault's cut: the response raises it at EOF
+    timed_out = False  # the caller's wait for the head timed out
+    on_leave: Optional[Callable[[], None]] = None  # ASGI: wake receive()
+    call: Optional[Call] = None  # the journal's record of this exchange
+    fault: Optional[_FaultRun] = None
+    parser: Optional[_RawParser] = None  # a handler class's raw output, followed
+    on_loop = False  # ASGI: the adapter waits out a Fault's delays itself
+    head_at = 0.0  # when the app produced its head (time.monotonic())
+    declared: Optional[str] = None  # the head's Content-Length, as sent
+    _event: Optional[threading.Event] = None
+
+    def __init__(self, name: str, source: Optional[Source], actor: Any, method: str) -> None:
+        self.name = name
+        self.source = source
+        self.actor = actor
+        self.method = method
+        self.state = _WAITING
+
+    def _to(self, state: str) -> bool:
+        with _LOCK:
+            if state not in _NEXT[self.state]:
+                return False
+            self.state = state
+            return True
+
+    def event(self) -> threading.Event:
+        # Built on first use: most requests never ask, and an Event costs
+        # more than the rest of a small request's bookkeeping.
+        event = self._event
+        if event is None:
+            with _LOCK:
+                event = self._event
+                if event is None:
+                    event = self._event = threading.Event()
+                    if self.state == _LEFT:
+                        event.set()
+        return event
+
+    def _end(self, outcome: str) -> None:
+        if self.call is not None:
+            self.call._end(outcome)
+
+    # -- the app's side --------------------------------------------------------
+
+    def respond(self, code: int, reason: str, headers: List[Tuple[str, str]],
+                first: bytes = b"", whole: bool = False, page: bool = False) -> None:
+        """Send the head, with ``first``, the body bytes that came with it
+        (``whole``: all of the body).  ``BrokenPipeError`` once the caller
+        has left.  (``page``: the bridge's own 500 page, sent by ``fail``.)"""
+        if not page:
+            with _LOCK:  # (_to, written out: this is every request's path)
+                started = _STREAMING in _NEXT[self.state]
+                if started:
+                    self.state = _STREAMING
+            if not started:
+                raise BrokenPipeError(errno.EPIPE, "the caller has closed the response")
+        # What wsgiref and uvicorn add: a Date, and a Content-Length for a
+        # body known whole.
+        dated = False
+        declared = None
+        for name, value in headers:
+            lower = name.lower()
+            if lower == "date":
+                dated = True
+            elif lower == "content-length" and declared is None:
+                declared = value
+        if whole and declared is None:
+            declared = str(len(first))
+            headers.append(("Content-Length", declared))
+        self.declared = declared
+        if not dated:
+            headers.append(("Date", _http_date()))
+        head = (code, reason, headers)
+        if self.fault is not None:
+            self.head_at = time.monotonic()
+        if self.call is not None:
+            self.call._head(head)
+        pipe = self.pipe
+        if pipe is None:
+            self.head = head  # the caller's thread takes it, and first
+            self.first = first
+            return
+        if self.raw:
+            lines = ["HTTP/1.0 %d %s" % (code, reason)]
+            lines.extend("%s: %s" % field for field in headers)
+            self.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + first)
+            return
+        if first and self.call is None and self.fault is None:
+            pipe.write(first)  # in the pipe before the caller wakes for the head
+            first = b""
+        if self.slot is not None:
+            self.slot.put(head)
+        if first:
+            self.forward(first)
+
+    def began(self) -> None:
+        """A handler class wrote the first bytes of its raw head."""
+        self._to(_STREAMING)
+
+    def write(self, data: Any) -> int:
+        """Bytes for the caller: the body, or a handler class's raw HTTP."""
+        pipe: BodyPipe = self.pipe  # type: ignore[assignment]
+        parser = self.parser
+        if parser is None:
+            return pipe.write(data)
+        # A handler class's raw output, with a journal or a Fault to serve:
+        # only its body bytes count (its framing, chunked or not, does not).
+        data = data if type(data) is bytes else memoryview(data).tobytes()
+        if self.state == _WAITING:
+            self.head_at = time.monotonic()
+        spans = parser.feed(data)
+        if parser.head is not None and self.call is not None and self.call.status is None:
+            self.call._head(parser.head)
+        body = b"".join(data[start:end] for start, end in spans)
+        if not body:
+            return pipe.write(data)
+        keep, action = self.account(body)
+        if keep < len(body):
+            # Where the kept body bytes end in the raw output.
+            for start, end in spans:
+                if keep <= end - start:
+                    pipe.write(data[:start + keep])
+                    break
+                keep -= end - start
+        else:
+            pipe.write(data)
+        self._act(action)
+        return len(data)
+
+    def forward(self, data: bytes) -> bytes:
+        """Body bytes on their way to the caller, from a thread that may
+        wait: written to the pipe (returned, for a caller that pulls)."""
+        if self.call is None and self.fault is None:
+            if self.pipe is not None:
+                self.pipe.write(data)
+            return data
+        keep, action = self.account(data)
+        kept = data[:keep] if keep < len(data) else data
+        if self.pipe is not None and kept:
+            self.pipe.write(kept)
+        self._act(action)
+        return kept
+
+    def account(self, data: bytes) -> Tuple[int, Optional[str]]:
+        """How many of these body bytes go to the caller, and what a Fault
+        does after them (the caller then acts); the journal records what
+        goes.  ``BrokenPipeError`` once the caller has left."""
+        if self.state == _LEFT:
+            raise BrokenPipeError(errno.EPIPE, "the caller has closed the response")
+        keep, action = len(data), None
+        run = self.fault
+        if run is not None:
+            if not self.on_loop:
+                self.pause(run.fault.chunk_delay)
+            keep, action = run.step(len(data))
+        if self.call is not None and keep:
+            self.call._response(data[:keep])
+        return keep, action
+
+    def _act(self, action: Optional[str]) -> None:
+        if action == "stall":
+            self.event().wait()  # nothing more arrives until the caller gives up
+            raise BrokenPipeError(errno.EPIPE, "the caller has closed the response")
+        if action is not None:
+            self.cut(action)
+
+    def hold_head(self, deadline: Optional[float]) -> None:
+        """The caller's side of a Fault's delay: the head it has is held
+        until ``delay`` after the app produced it -- or, past the caller's
+        deadline, ``socket.timeout``, as from a server that did not answer
+        in time.  The app meanwhile goes on, as behind a slow network."""
+        run = self.fault
+        if run is None or not run.fault.delay:
+            return
+        due = self.head_at + run.fault.delay
+        now = time.monotonic()
+        if deadline is not None and due > deadline:
+            time.sleep(max(deadline - now, 0.0))
+            self.timed_out = True
+            if self.call is not None:
+                self.call._end("timeout", force=True)  # whatever the app did: no head came
+            raise socket.timeout("timed out")
+        if due > now:
+            time.sleep(due - now)
+
+    def pause(self, seconds: float) -> None:
+        """A Fault's delay, cut short when the caller leaves."""
+        if seconds > 0:
+            self.event().wait(seconds)
+
+    def finish(self) -> None:
+        """The app ended its response."""
+        with _LOCK:  # (_to, written out: this is every request's path)
+            done = _DONE in _NEXT[self.state]
+            if done:
+                self.state = _DONE
+        if done and self.call is not None:
+            self.call._end("complete")
+        if self.pipe is not None:
+            self.pipe.close_writer()
+
+    def fail(self, exc: BaseException, cleanup: Optional[Callable[[], None]] = None
+             ) -> Optional[BaseException]:
+        """The app raised: logged, then wsgiref's 500 page if nothing was
+        sent yet, else the end of the body with an error for the reader
+        (returned, for a caller that pulls).  ``cleanup`` runs after the log
+        and before the caller hears, as a server closes the app first."""
+        state = self.state
+        error: Optional[BaseException] = None
+        if state == _WAITING and self._to(_FAILED):
+            _log_app_error(self, "before responding", exc)
+            self._end("app-error")
+            if cleanup is not None:
+                cleanup()
+            self.fault = None  # the 500 page is the bridge's, not the app's
+            try:
+                self.respond(int(_ERROR_STATUS[:3]), _ERROR_STATUS[4:],
+                             [("Content-Type", "text/plain")], _ERROR_BODY, True, page=True)
+            except BrokenPipeError:
+                return None  # the caller is gone; nobody is left to tell
+            if self.pipe is not None:
+                self.pipe.close_writer()
+            return None
+        if state == _STREAMING and self._to(_FAILED):
+            _log_app_error(self, "after its response started", exc)
+            self._end("app-error")
+            error = _failure(self.name, "after its response started", exc)
+        elif state == _DONE:
+            _log_app_error(self, "after its response ended", exc)
+        else:
+            _log_app_error(self, "after its caller left", exc)
+        if cleanup is not None:
+            cleanup()
+        if error is not None and self.pipe is not None:
+            self.pipe.close_writer(error)
+        return error
+
+    # -- the caller's and the server's side ------------------------------------
+
+    def leave(self) -> None:
+        """The caller closed, dropped or timed out on the response."""
+        if self._to(_LEFT) and self.call is not None:
+            pipe = self.pipe
+            self._end("complete" if self.call._whole
+                      else "timeout" if self.timed_out or (pipe is not None and pipe.timed_out)
+                      else "caller-closed")
+        with _LOCK:
+            event = self._event
+        if event is not None:
+            event.set()
+        if self.on_leave is not None:
+            self.on_leave()
+
+    def abort(self, error: BaseException, outcome: str = "cut", short: bool = False) -> bool:
+        """Drop the exchange as a server drops a connection: the caller gets
+        ``error`` -- from ``open()`` before the head, from its next read
+        after (``short``: at the end of what was sent, as a response cut
+        short) -- and the app sees its caller leave.  False once the app had
+        finished: what it sent stands."""
+        with _LOCK:
+            state = self.state
+            if state not in (_WAITING, _STREAMING):
+                return False
+            self.state = _LEFT
+        self._end(outcome)
+        if short:
+            self.short = error
+        else:
+            self.error = error
+        if state == _WAITING and self.slot is not None:
+            self.slot.put(error)
+        if self.pipe is not None:
+            if short:
+                self.pipe.abort(None)  # EOF; the response object raises
+            else:
+                self.pipe.abort(error)
+        self.leave()
+        return True
+
+    def cut(self, how: str) -> None:
+        """A Fault's cut (the body ends early: ``IncompleteRead``) or reset
+        (``ConnectionResetError``), after the bytes sent so far."""
+        if how == "reset":
+            self.abort(ConnectionResetError(errno.ECONNRESET, "in-process connection reset by "
+                                            "a Fault(reset_after=...)"))
+        else:
+            self.abort(http.client.IncompleteRead(b""), short=True)
+
+    def await_head(self, timeout: Optional[float]) -> _Head:
+        """The caller's side of the slot: the head, or what stands for it
+        raised.  On any failure the pipe closes -- the caller never gets a
+        response to close, and the app must hear that it left."""
+        try:
+            if self.slot is None:
+                raise RuntimeError("this exchange has no head slot")
+            start = time.monotonic()
+            head = self.slot.take(timeout)
+            if isinstance(head, BaseException):
+                raise head
+            self.hold_head(None if timeout is None else start + timeout)
+        except BaseException as exc:
+            self.timed_out = isinstance(exc, socket.timeout)
+            if self.pipe is not None:
+                self.pipe.close()
+            raise
+        return head  # type: ignore[no-any-return]
+
+
+class _RawParser:
+    """Follows raw HTTP/1.x -- what a handler class writes, or what
+    http.client sends it -- far enough to tell body bytes from the head and
+    from chunked framing: what the call journal and a ``Fault`` count.  It
+    only watches; the caller's http.client still reads the bytes itself."""
+
+    def __init__(self, method: Optional[str]) -> None:
+        self.method = method  # the request's, when following a response; None: a request
+        self.head: Optional[_Head] = None
+        self.state = "head"
+        self.left = 0  # body bytes (or chunk bytes) still due
+        self._line = b""
+        self._lines: List[bytes] = []
+
+    def feed(self, data: bytes) -> List[Tuple[int, int]]:
+        """The spans of ``data`` that are body bytes."""
+        spans: List[Tuple[int, int]] = []
+        at, size = 0, len(data)
+        while at < size and self.state != "done":
+            if self.state in ("data", "chunk", "close"):
+                end = size if self.state == "close" else min(size, at + self.left)
+                spans.append((at, end))
+                self.left -= end - at
+                at = end
+                if not self.left and self.state != "close":
+                    self.state = "done" if self.state == "data" else "crlf"
+                continue
+            newline = data.find(b"\n", at)
+            if newline < 0:
+                self._line += data[at:]
+                break
+            line, self._line = self._line + data[at:newline], b""
+            at = newline + 1
+            self._take(line.rstrip(b"\r"))
+        return spans
+
+    def _take(self, line: bytes) -> None:
+        state = self.state
+        if state == "crlf":
+            self.state = "size"
+        elif state == "size":
+            self.left = int(line.split(b";")[0].strip() or b"0", 16)
+            self.state = "chunk" if self.left else "trailer"
+        elif state == "trailer":
+            self.state = "trailer" if line else "done"
+        elif line:
+            self._lines.append(line)
+        else:
+            self._framing()
+
+    def _framing(self) -> None:
+        lines, self._lines = self._lines, []
+        fields = [tuple(part.strip().decode("latin-1") for part in line.split(b":", 1))
+                  for line in lines[1:] if b":" in line]
+        first = {name.lower(): value for name, value in reversed(fields)}
+        code = 0
+        if self.method is not None:
+            status = lines[0].split(None, 2) if lines else []
+            code = int(status[1]) if len(status) > 1 and status[1].isdigit() else 0
+            if 100 <= code < 200:
+                return  # an interim head: the real one follows
+            self.head = (code, status[2].decode("latin-1") if len(status) > 2 else "",
+                         cast(List[Tuple[str, str]], fields))
+        length = first.get("content-length", "")
+        if first.get("transfer-encoding", "").lower() == "chunked":
+            self.state = "size"
+        elif self.method == "HEAD" or code in (204, 304):
+            self.state = "done"
+        elif length.isdigit():
+            self.left = int(length)
+            self.state = "data" if self.left else "done"
+        else:
+            self.state = "close" if self.method is not None else "done"
+
+
+# ---------------------------------------------------------------------------
+# The request, checked and built once
+# ---------------------------------------------------------------------------
+
+
+class _Request:
+    """What urllib would send, checked as http.client checks it before a
+    byte leaves -- so a bad request fails the same way on every path and
+    before any app runs -- and split the way every app kind wants it."""
+
+    __slots__ = ("req", "method", "target", "headers", "scheme", "host", "port", "body", "timeout")
+
+    def __init__(self, req: urllib.request.Request) -> None:
+        self.req = req
+        self.method = req.get_method()
+        self.target = req.selector or "/"
+        _check_request_line(self.method, self.target)
+        self.headers = _wire_headers(req)
+        self.scheme = "https" if req.type == "https" else "http"
+        host, port = _split_host(req.host)
+        self.host = host
+        self.port = port or _DEFAULT_PORTS[self.scheme]
+        #: None, bytes (all of it) or a _RequestBody (a file or an iterable)
+        self.body = _request_body(req.data)
+        self.timeout = _effective_timeout(getattr(req, "timeout", None))
+
+
+def _wire_headers(req: urllib.request.Request) -> List[Tuple[str, str]]:
+    """The header block urllib and http.client would put on the wire, in
+    order, checked as http.client checks it."""
+    headers = dict(req.unredirected_hdrs)
+    headers.update({k: v for k, v in req.headers.items() if k not in headers})
+    headers["Connection"] = "close"
+    lines: List[Tuple[str, str]] = []
+    host = encoding = True
+    for name in headers:
+        lower = name.lower()
+        if lower == "host":
+            host = False
+        elif lower == "accept-encoding":
+            encoding = False
+    if host:
+        lines.append(("Host", req.host))
+    if encoding:
+        lines.append(("Accept-Encoding", "identity"))
+    for name, value in headers.items():
+        line = _checked_headers.get((name, value)) if type(value) is str else None
+        if line is None:
+            line = _check_header(name, value)
+            if type(value) is str and len(_checked_headers) < 256:
+                _checked_headers[(name, value)] = line
+        lines.append(line)
+    return lines
+
+
+# urllib sends the same User-Agent, Connection and Host on every request:
+# remembering headers already checked saves ~2 us of a 25 us request.
+_checked_headers: Dict[Tuple[str, str], Tuple[str, str]] = {}
+
+
+def _check_header(name: str, value: Any) -> Tuple[str, str]:
+    name = name.title()
+    if isinstance(value, int):
+        value = str(value)
+    elif isinstance(value, bytes):
+        value = value.decode("latin-1")
+    else:
+        value.encode("latin-1")  # http.client's own check: UnicodeEncodeError
+    if not _TOKEN.fullmatch(name):
+        raise ValueError("Invalid header name %r" % (name,))
+    if _BAD_VALUE.search(value):
+        raise ValueError("Invalid header value %r" % (value,))
+    return name, value
+
+
+def _check_request_line(method: str, selector: str) -> None:
+    """Refuse what http.client refuses in a request line, the same way."""
+    if _BAD_METHOD_CHAR.search(method):
+        raise ValueError("method can't contain control characters. %r" % (method,))
+    if _BAD_URL_CHAR.search(selector):
+        raise http.client.InvalidURL(
+            "URL can't contain control characters. %r" % (selector,)
+        )
+    if not (method.isascii() and selector.isascii()):
+        ("%s %s" % (method, selector)).encode("ascii")  # http.client's UnicodeEncodeError
+
+
+class _RequestBody(_ChunkReader):
+    """A file or iterable request body, pulled as the app reads (a slow app
+    holds the caller's producer back).  A failure of the caller's own body
+    is kept in ``error`` for the caller; the app sees a broken read."""
+
+    def __init__(self, data: Any) -> None:
+        super().__init__()
+        self.error: Optional[BaseException] = None
+        if hasattr(data, "read"):
+            self._text = isinstance(data, io.TextIOBase)
+            self._chunks: Optional[Iterator[Any]] = iter(
+                functools.partial(data.read, 8192), "" if self._text else b"")
+        else:
+            self._chunks = iter(data)
+            self._text = False
+        self._cut = False  # detach() left part of the body with the caller
+        self.call: Optional[Call] = None  # the journal's, which keeps what was taken
+
+    def _next(self) -> Optional[bytes]:
+        """The caller's next item (maybe empty), or None at its end."""
+        chunks = self._chunks
+        if chunks is None:
+            return None
+        try:
+            item = next(chunks)
+            if self._text and isinstance(item, str):
+                item = item.encode("iso-8859-1")
+            elif isinstance(item, str) or not isinstance(item, (bytes, bytearray, memoryview)):
+                raise TypeError(
+                    "request body items must be bytes-like, not %s" % type(item).__name__
+                )
+        except StopIteration:
+            self._chunks = None
+            return None
+        except BaseException as exc:  # noqa: BLE001 - the caller's error, kept for the caller
+            self._chunks = None
+            self.error = exc
+            raise ConnectionAbortedError(
+                errno.ECONNABORTED, "the caller's request body failed: %r" % (exc,)
+            ) from None
+        item = item if type(item) is bytes else bytes(item)
+        if self.call is not None:
+            self.call._took(item)
+        return item
+
+    def _next_chunk(self, want: int) -> Optional[bytes]:
+        while True:
+            item = self._next()
+            if item is None:
+                if self._cut:
+                    raise ConnectionAbortedError(
+                        errno.ECONNABORTED, "the request body was cut off: the app read more "
+                        "than %d bytes of it after it began its response" % PIPE_LIMIT)
+                return None
+            if item:
+                return item
+
+    def detach(self, limit: int) -> None:
+        """``open()`` is returning: take up to ``limit`` more bytes of the
+        caller's body into memory for the app, and never touch the caller's
+        object again.  What lies past that stays with the caller; an app that
+        reads on into it gets ``ConnectionAbortedError``, as a server's read
+        fails once its client went away mid-body -- never a clean EOF."""
+        parts: List[bytes] = []
+        size = 0
+        try:
+            while size < limit:
+                item = self._next()
+                if item is None:
+                    break
+                parts.append(item)
+                size += len(item)
+            else:
+                self._cut = self._chunks is not None
+        except ConnectionAbortedError:
+            pass  # kept in self.error for the caller
+        self._chunks = iter(parts)
+
+    def feed(self, inbox: BodyPipe) -> None:
+        """Send this body into ``inbox`` (read by an app on another thread)
+        from the caller's thread, as http.client sends one: before the
+        response is read, held back while the app does not read.  So nothing
+        but the caller's thread ever touches the caller's body object."""
+        try:
+            while True:
+                data = self._next_chunk(_RECEIVE_LIMIT)
+                if data is None:
+                    break
+                view = memoryview(data)
+                for start in range(0, len(data), _RECEIVE_LIMIT):  # an ASGI message's share
+                    inbox.write(view[start:start + _RECEIVE_LIMIT] if len(data) > _RECEIVE_LIMIT
+                                else data)
+        except BrokenPipeError:
+            return  # the app finished without reading it all: dropped, as TCP would
+        except BaseException as exc:
+            inbox.close_writer(ConnectionAbortedError(
+                errno.ECONNABORTED, "the caller stopped sending its request body: %s: %s"
+                % (type(exc).__name__, exc)))
+            if self.error is not None:
+                raise self.error from None
+            if isinstance(exc, socket.timeout):
+                raise urllib.error.URLError(exc) from exc  # as urllib's do_open reports it
+            raise
+        inbox.close_writer()
+
+
+def _request_body(data: Any) -> Any:
+    """urllib's ``data`` as a request body: ``None``, ``bytes`` (all of it),
+    or a ``_RequestBody`` for a file or an iterable (sent chunked)."""
+    if data is None or type(data) is bytes:
+        return data
+    if isinstance(data, str):
+        raise TypeError(
+            "POST data should be bytes, an iterable of bytes, or a file object. "
+            "It cannot be of type str."
+        )
+    if not hasattr(data, "read") and isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    try:
+        return _RequestBody(data)
+    except TypeError:
+        raise TypeError(
+            "data should be a bytes-like object or an iterable, got %r" % type(data)
+        ) from None
+
+
+# ---------------------------------------------------------------------------
+# App adapters: a BaseHTTPRequestHandler class
+# ---------------------------------------------------------------------------
+#
+# The handler class runs its own setup/handle/finish on a worker, reading the
+# request from an in-memory socket and writing raw HTTP into the exchange's
+# pipe; on the caller's side urllib's own do_open drives an HTTPConnection
+# whose socket is the other end, so the request leaves as urllib sends it and
+# http.client parses the response as it would off the wire.
 
 
 class _StubServer:
@@ -670,9 +1456,10 @@ class _HandlerSocket:
         self.send(data)
 
     def send(self, data: Any) -> int:
-        n = self._run.outbound.write(data)
-        if n:
-            self._run.started = True
+        exchange = self._run.exchange
+        n = exchange.write(data)
+        if n and exchange.state == _WAITING:
+            exchange.began()
         return n
 
     def recv(self, size: int) -> bytes:
@@ -713,22 +1500,10 @@ class _HandlerSocket:
         pass
 
 
-# A request up to this size is held until http.client has sent all of it and
-# handed to the handler as one in-memory file: no request pipe, no hop per
-# write.  A larger or longer one streams through a BodyPipe with backpressure.
-_HOLD_LIMIT = 1 << 16
-
-
-def _feed_pipe(pipe: BodyPipe, data: Any) -> None:
-    try:
-        pipe.write(data)
-    except BrokenPipeError:
-        pass  # the app finished without reading it all: dropped, as TCP would
-
-
 class _HandlerRun:
-    """One request to a handler class: the request bytes, the response pipe
-    to the caller, and the worker job that runs the handler's life cycle."""
+    """One request to a handler class: the request bytes http.client sends
+    (held whole up to ``_HOLD_LIMIT``, else streamed to ``rfile`` through a
+    pipe) and the worker job that runs the handler's life cycle."""
 
     def __init__(self, entry: _Entry, exchange: _Exchange, ctx: contextvars.Context,
                  timeout: Optional[float]) -> None:
@@ -740,15 +1515,19 @@ class _HandlerRun:
         self.held_size = 0
         self.request = _Body()  # rfile when the request was held whole
         self.inbound: Optional[BodyPipe] = None  # rfile's pipe for a streamed request
-        self.outbound = BodyPipe(read_timeout=timeout)  # wfile -> caller
-        self.outbound._on_close = exchange.leave
-        self.started = False
+        exchange.raw = True
+        exchange.pipe = BodyPipe(read_timeout=timeout, on_close=exchange.leave)
+        if exchange.call is not None or exchange.fault is not None:
+            exchange.parser = _RawParser(exchange.method)
+        self.capture: Optional[Call] = None  # the journal's call, for a streamed body
         self.launched = False
 
     # -- the caller's side ---------------------------------------------------
 
     def send(self, data: Any) -> None:
         pipe = self.inbound
+        if self.capture is not None:
+            self.capture._took_raw(data if type(data) is bytes else memoryview(data).tobytes())
         if pipe is None:
             data = data if type(data) is bytes else memoryview(data).tobytes()
             if self.held_size + len(data) <= _HOLD_LIMIT:
@@ -759,9 +1538,15 @@ class _HandlerRun:
             pipe = self.inbound = BodyPipe(write_timeout=self.timeout)
             held, self.held = self.held, []
             for part in held:
-                _feed_pipe(pipe, part)
+                self._feed(part)
             self.launch()
-        _feed_pipe(pipe, data)
+        self._feed(data)
+
+    def _feed(self, data: Any) -> None:
+        try:
+            cast(BodyPipe, self.inbound).write(data)
+        except BrokenPipeError:
+            pass  # the app finished without reading it all: dropped, as TCP would
 
     def end_request(self) -> None:
         """http.client has sent everything and now waits for the response."""
@@ -782,7 +1567,7 @@ class _HandlerRun:
             # does once the client went away -- never a clean EOF.
             self.inbound.close_writer(ConnectionAbortedError(
                 errno.ECONNABORTED, "the caller went away before its request was sent"))
-        self.outbound.close()
+        cast(BodyPipe, self.exchange.pipe).close()
 
     # -- the worker's side ---------------------------------------------------
 
@@ -792,34 +1577,24 @@ class _HandlerRun:
             _workers.submit(lambda: self.ctx.run(self._serve))
 
     def _serve(self) -> None:
-        entry, out = self.entry, self.outbound
-        error: Optional[BaseException] = None
+        entry, exchange = self.entry, self.exchange
         try:
             entry.app(_HandlerSocket(self), CLIENT_ADDRESS, entry.server)
         except BaseException as exc:  # noqa: BLE001 - SystemExit too: the process must survive
-            error = exc
-        finally:
-            # Request bytes nobody will read are dropped, as a socket's
-            # buffer would swallow them, so a caller still sending is freed.
-            if self.inbound is not None:
-                self.inbound.close()
-        try:
-            if error is None:
-                if not self.started:
-                    out.write(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
-                out.close_writer()
-            elif not self.started:
-                _log_app_error(self.exchange, "before responding", error)
-                out.write(
-                    b"HTTP/1.0 %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
-                    % (_ERROR_STATUS.encode(), len(_ERROR_BODY), _ERROR_BODY)
-                )
-                out.close_writer()
-            else:
-                _log_app_error(self.exchange, "after its response started", error)
-                out.close_writer(_failure(self.exchange.name, "after its response started", error))
-        except BrokenPipeError:
-            pass  # the caller is gone; nobody is left to tell
+            exchange.fail(exc, self._drop_request)
+            return
+        self._drop_request()
+        if exchange.state == _WAITING:
+            # Returned without a word: the seed's well-formed empty answer.
+            with contextlib.suppress(BrokenPipeError):
+                exchange.respond(200, "OK", [("Content-Length", "0")])
+        exchange.finish()
+
+    def _drop_request(self) -> None:
+        # Request bytes nobody will read are dropped, as a socket's buffer
+        # would swallow them, so a caller still sending is freed.
+        if self.inbound is not None:
+            self.inbound.close()
 
 
 class _ClientSocket:
@@ -839,15 +1614,20 @@ class _ClientSocket:
 
     def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
         # http.client asks for the response file once the request is sent.
-        self._run.end_request()
-        self._file = io.BufferedReader(self._run.outbound)
+        run = self._run
+        run.end_request()
+        raw: io.RawIOBase = run.exchange.pipe  # type: ignore[assignment]
+        if run.exchange.fault is not None and run.exchange.fault.fault.delay:
+            raw = _HeldHead(raw, run.exchange, run.timeout)
+        self._file = io.BufferedReader(raw)
         return self._file
 
     def settimeout(self, timeout: Optional[float]) -> None:
-        self._run.timeout = timeout
-        self._run.outbound.read_timeout = timeout
-        if self._run.inbound is not None:
-            self._run.inbound.write_timeout = timeout
+        run = self._run
+        run.timeout = timeout
+        cast(BodyPipe, run.exchange.pipe).read_timeout = timeout
+        if run.inbound is not None:
+            run.inbound.write_timeout = timeout
 
     def setsockopt(self, *args: Any) -> None:
         pass
@@ -859,8 +1639,72 @@ class _ClientSocket:
             self._run.abort()
 
 
+class _HeldHead(_ChunkReader):
+    """The caller's end of a handler class's pipe under a Fault's delay: the
+    first bytes (the head) are held, see ``_Exchange.hold_head``."""
+
+    def __init__(self, pipe: io.RawIOBase, exchange: _Exchange, timeout: Optional[float]) -> None:
+        super().__init__()
+        self._pipe = pipe
+        self._exchange: Optional[_Exchange] = exchange
+        self._timeout = timeout
+
+    def _next_chunk(self, want: int) -> Optional[bytes]:
+        start = time.monotonic()
+        data = self._pipe.read(want)
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.hold_head(None if self._timeout is None else start + self._timeout)
+        return data or None
+
+    def close(self) -> None:
+        self._pipe.close()
+        super().close()
+
+
+class _Connection(http.client.HTTPConnection):
+    """An ``HTTPConnection`` whose socket is a pair of pipes to a handler
+    class running on a worker; urllib's ``do_open`` drives it, so the request
+    leaves as urllib would send it and http.client parses the response."""
+
+    response_class: Any = None  # _Response, set below it
+
+    def __init__(self, host: str, timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore[attr-defined]
+                 *, run: _HandlerRun) -> None:
+        super().__init__(host, timeout=timeout)
+        self._run = run
+
+    def getresponse(self) -> http.client.HTTPResponse:
+        resp = super().getresponse()
+        resp._exchange = self._run.exchange  # type: ignore[attr-defined]
+        return resp
+
+    def connect(self) -> None:
+        sock = _ClientSocket(self._run)
+        sock.settimeout(_effective_timeout(self.timeout))
+        self.sock = sock
+
+    def putheader(self, header: Union[str, bytes], *values: Any) -> None:
+        # The bridge has checked these headers already (_wire_headers, which
+        # also refuses the control characters http.client lets through):
+        # format them as http.client would without its second pass (~3 us).
+        if type(header) is str and len(values) == 1 and type(values[0]) is str:
+            self._buffer.append(("%s: %s" % (header, values[0])).encode("latin-1"))  # type: ignore[attr-defined]
+        else:
+            super().putheader(header, *values)
+
+
+def _serve_handler(bridge: InProcHandler, table: _Mounts, request: _Request, entry: _Entry,
+                   exchange: _Exchange, ctx: contextvars.Context) -> _Response:
+    run = _HandlerRun(entry, exchange, ctx, request.timeout)
+    if isinstance(request.body, _RequestBody):
+        run.capture = exchange.call  # http.client sends it: the journal follows the bytes
+    return urllib.request.AbstractHTTPHandler.do_open(  # type: ignore[return-value]
+        bridge, _Connection, request.req, run=run)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------------------
-# Server side: WSGI
+# App adapters: WSGI
 # ---------------------------------------------------------------------------
 
 
@@ -878,117 +1722,60 @@ class _ErrorLog(io.TextIOBase):
 
 
 _WSGI_ERRORS = _ErrorLog()
+_ENVIRON_KEYS: Dict[str, str] = {}
 
 
-class _RequestBody(io.RawIOBase):
-    """A file or iterable request body, pulled as the app reads (a slow app
-    holds the caller's producer back).  A failure of the caller's own body
-    is kept in ``error`` for the caller; the app sees a broken read."""
+def _environ_key(name: str) -> str:
+    """``Content-Type`` -> ``CONTENT_TYPE``, ``X-Id`` -> ``HTTP_X_ID``; ``""``
+    for a name with an underscore, dropped (as nginx and gunicorn drop it) so
+    that ``X_Id`` cannot pass for a proxy's ``X-Id``."""
+    if "_" in name:
+        key = ""
+    else:
+        key = name.upper().replace("-", "_")
+        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            key = "HTTP_" + key
+    if len(_ENVIRON_KEYS) < 256:
+        _ENVIRON_KEYS[name] = key
+    return key
 
-    def __init__(self, data: Any) -> None:
-        super().__init__()
-        self.error: Optional[BaseException] = None
-        if hasattr(data, "read"):
-            self._text = isinstance(data, io.TextIOBase)
-            self._chunks: Optional[Iterator[Any]] = iter(
-                functools.partial(data.read, 8192), "" if self._text else b"")
+
+def _environ(request: _Request, exchange: _Exchange) -> Dict[str, Any]:
+    """A PEP 3333 environ built as a real server would from the request
+    (``wsgi.input`` is the adapter's to set)."""
+    path, _, query = request.target.partition("?")
+    environ: Dict[str, Any] = {
+        "REQUEST_METHOD": request.method,
+        "SCRIPT_NAME": "",
+        "PATH_INFO": urllib.parse.unquote(path, "iso-8859-1"),
+        "QUERY_STRING": query,
+        "SERVER_NAME": request.host,
+        "SERVER_PORT": str(request.port),
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": CLIENT_ADDRESS[0],
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": request.scheme,
+        "wsgi.errors": _WSGI_ERRORS,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+        "wsgi.input_terminated": True,
+        "wsgi.file_wrapper": FileWrapper,
+        "inproc.source": exchange.source,
+        "inproc.actor": exchange.actor,
+    }
+    for name, value in request.headers:
+        key = _ENVIRON_KEYS.get(name)
+        if key is None:
+            key = _environ_key(name)
+        if not key:
+            continue
+        value = value.strip()
+        if key in environ:
+            environ[key] += "," + value
         else:
-            self._chunks = iter(data)
-            self._text = False
-        self._chunk = memoryview(b"")
-
-        self._cut = False  # detach() left part of the body with the caller
-
-    def readable(self) -> bool:
-        return True
-
-    def _next(self) -> Optional[bytes]:
-        """The caller's next chunk, or None at its end."""
-        chunks = self._chunks
-        if chunks is None:
-            return None
-        try:
-            item = next(chunks)
-            if self._text and isinstance(item, str):
-                item = item.encode("iso-8859-1")
-            elif isinstance(item, str) or not isinstance(item, (bytes, bytearray, memoryview)):
-                raise TypeError(
-                    "request body items must be bytes-like, not %s" % type(item).__name__
-                )
-        except StopIteration:
-            self._chunks = None
-            return None
-        except BaseException as exc:  # noqa: BLE001 - the caller's error, kept for the caller
-            self._chunks = None
-            self.error = exc
-            raise ConnectionAbortedError(
-                errno.ECONNABORTED, "the caller's request body failed: %r" % (exc,)
-            ) from None
-        return item if type(item) is bytes else bytes(item)
-
-    def readinto(self, b: Any) -> int:
-        view = memoryview(b).cast("B")
-        while not len(self._chunk):
-            item = self._next()
-            if item is None:
-                if self._cut:
-                    raise ConnectionAbortedError(
-                        errno.ECONNABORTED, "the request body was cut off: the app read more "
-                        "than %d bytes of it after it began its response" % PIPE_LIMIT)
-                return 0
-            self._chunk = memoryview(item)
-        n = min(len(view), len(self._chunk))
-        view[:n] = self._chunk[:n]
-        self._chunk = self._chunk[n:]
-        return n
-
-    def detach(self, limit: int) -> None:
-        """``open()`` is returning: take up to ``limit`` more bytes of the
-        caller's body into memory for the app, and never touch the caller's
-        object again.  What lies past that stays with the caller; an app that
-        reads on into it gets ``ConnectionAbortedError``, as a server's read
-        fails once its client went away mid-body -- never a clean EOF."""
-        parts: List[bytes] = []
-        size = 0
-        try:
-            while size < limit:
-                item = self._next()
-                if item is None:
-                    break
-                parts.append(item)
-                size += len(item)
-            else:
-                self._cut = self._chunks is not None
-        except ConnectionAbortedError:
-            pass  # kept in self.error for the caller
-        self._chunks = iter(parts)
-
-
-def _request_body(data: Any) -> Any:
-    """urllib's ``data`` as a request body: ``None``, ``bytes`` (all of it),
-    or a ``_RequestBody`` for a file or an iterable (sent chunked)."""
-    if data is None or type(data) is bytes:
-        return data
-    if isinstance(data, str):
-        raise TypeError(
-            "POST data should be bytes, an iterable of bytes, or a file object. "
-            "It cannot be of type str."
-        )
-    if not hasattr(data, "read") and isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data)
-    try:
-        return _RequestBody(data)
-    except TypeError:
-        raise TypeError(
-            "data should be a bytes-like object or an iterable, got %r" % type(data)
-        ) from None
-
-
-def _wire_value(value: str) -> str:
-    """A response header value as the caller would see it after http.client
-    parsed it off the wire: leading spaces and tabs go, trailing ones stay
-    (Django's ``Set-Cookie`` values start with a space)."""
-    return value.lstrip(" \t") if value[:1] in (" ", "\t") else value
+            environ[key] = value
+    return environ
 
 
 def _check_chunk(data: Any) -> bytes:
@@ -999,29 +1786,28 @@ def _check_chunk(data: Any) -> bytes:
     raise TypeError("WSGI apps must produce bytes, not %s (PEP 3333)" % type(data).__name__)
 
 
-_Head = Tuple[int, str, List[Tuple[str, str]], bytes]
-
-
 class _WSGICall:
     """One call of a WSGI app: ``start_response``, ``write``, the iterable
-    and its ``close()``, checked as PEP 3333 asks.  The same object serves
-    the caller-thread path (the caller pulls chunks) and the worker path (the
-    worker pushes them into a ``BodyPipe``)."""
+    and its ``close()``, checked as PEP 3333 asks, over the exchange.  The
+    same object serves the caller-thread path (the caller pulls chunks) and
+    the worker path (``pump`` pushes them into the exchange's pipe)."""
 
-    def __init__(self, app: Callable[..., Any], environ: Dict[str, Any], exchange: _Exchange,
-                 method: str) -> None:
+    def __init__(self, app: Callable[..., Any], request: _Request, exchange: _Exchange) -> None:
         self.app = app
-        self.environ = environ
         self.exchange = exchange
-        self.method = method
+        self.environ = _environ(request, exchange)
+        body = request.body
+        self.request_body = body if isinstance(body, _RequestBody) else None
+        self.inbox: Optional[BodyPipe] = None  # the worker path's streamed request body
+        if self.request_body is None:
+            self.environ["wsgi.input"] = io.BytesIO(body or b"")
+        else:
+            self.environ["wsgi.input"] = io.BufferedReader(self.request_body)
         self.status: Optional[str] = None
         self.headers: List[Tuple[str, str]] = []
-        self.head_sent = False
         self.result: Any = None
         self.iterator: Optional[Iterator[Any]] = None
         self.pending: List[bytes] = []
-        self.request_body: Optional[_RequestBody] = None
-        self.sink: Optional[BodyPipe] = None
         self.closed = False
         self.single = False  # the iterable is a one-item sequence: the head holds it all
         self.wrote = False  # the app used write()
@@ -1035,7 +1821,7 @@ class _WSGICall:
                        exc_info: Any = None) -> Callable[[bytes], None]:
         if exc_info is not None:
             try:
-                if self.head_sent:
+                if self.exchange.state != _WAITING:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
@@ -1052,11 +1838,7 @@ class _WSGICall:
             name, value = item
             if type(name) is not str or type(value) is not str:
                 raise TypeError("WSGI response header %r: name and value must be str" % (item,))
-            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-                raise ValueError("invalid WSGI response header %r" % (item,))
-            if name.lower() in _HOP_BY_HOP:
-                raise ValueError("hop-by-hop header %r not allowed from a WSGI app" % (name,))
-            checked.append((name, _wire_value(value)))
+            checked.append(_header_field(name, value, "WSGI", item))
         self.status = status
         self.headers = checked
         return self.write
@@ -1066,70 +1848,54 @@ class _WSGICall:
         data = _check_chunk(data)
         if self.status is None:
             raise RuntimeError("write() called before start_response()")
-        if self.exchange.gone:
+        exchange = self.exchange
+        if exchange.state == _LEFT:
             raise BrokenPipeError(errno.EPIPE, "the caller has closed the response")
         self.wrote = True
-        sink = self.sink
-        if sink is not None and self.head_sent:
-            sink.write(data)
-        elif sink is not None and data:
-            sink._put_head(self._head(data, single=False))
-        else:
+        if exchange.pipe is None:
             # In the caller's thread nothing can reach the caller before the
             # app hands control back, so written data waits, in order, for
             # the next pull.
             self.pending.append(data)
+        elif exchange.state != _WAITING:
+            exchange.forward(data)
+        elif data:
+            status = self.status
+            exchange.respond(int(status[:3]), status[4:], self.headers, data)
 
-    def _head(self, first: bytes, single: bool) -> _Head:
-        status = self.status
-        if status is None:
-            raise RuntimeError("the WSGI app sent a body before calling start_response()")
-        self.head_sent = True
-        self.single = single
-        headers = self.headers
-        names = {name.lower() for name, _ in headers}
-        # wsgiref's rules, so a WSGI app looks the same in-process as served
-        # by wsgiref: a lone chunk gets a Content-Length, no body gets 0.
-        if "content-length" not in names and (single or not first):
-            headers.append(("Content-Length", str(len(first))))
-        if "date" not in names:
-            headers.append(("Date", _http_date()))
-        return (int(status[:3]), status[4:], headers, first)
-
-    def begin(self) -> Optional[_Head]:
-        """Run the app up to its first non-empty chunk and return the head;
-        a failure before that becomes wsgiref's 500.  ``None`` when a
-        ``write()`` on the worker path already sent the head."""
+    def begin(self) -> None:
+        """Run the app up to its first non-empty chunk and send the head; a
+        failure before that becomes wsgiref's 500 page."""
+        exchange = self.exchange
         try:
             self.result = self.app(self.environ, self.start_response)
             self.iterator = iter(self.result)
-            if self.head_sent:
-                return None
+            if exchange.state != _WAITING:
+                return  # a write() on the worker path sent it
             first = self.next_chunk() or b""
-            if self.head_sent:
+            if exchange.state != _WAITING:
                 # A write() inside the iterable sent the head: this chunk
                 # comes after what it wrote.
                 if first:
                     self.pending.append(first)
-                return None
-            if self.status is None:
+                return
+            status = self.status
+            if status is None:
                 raise RuntimeError("the WSGI app returned without calling start_response()")
             try:
-                single = not self.wrote and len(self.result) == 1
+                self.single = not self.wrote and len(self.result) == 1
             except (TypeError, AttributeError, NotImplementedError):
-                single = False  # no usable length, as wsgiref takes it: sent as it comes
+                pass  # no usable length, as wsgiref takes it: sent as it comes
+            exchange.respond(int(status[:3]), status[4:], self.headers, first,
+                             self.single or not first)
         except BaseException as exc:
             # Whatever failed -- the app, iter(), the first next(), len() --
             # nothing has reached the caller yet: wsgiref's logged 500.
-            if self.head_sent:
+            if exchange.state != _WAITING:
                 raise
-            _log_app_error(self.exchange, "before responding", exc)
-            self.close()
-            self.status = _ERROR_STATUS
-            self.headers = [("Content-Type", "text/plain")]
             self.pending = []
-            return self._head(_ERROR_BODY, single=True)
-        return self._head(first, single)
+            self.single = True
+            exchange.fail(exc, self.close)
 
     def next_chunk(self) -> Optional[bytes]:
         """The next non-empty chunk, or ``None`` at the end.  Data given to
@@ -1141,7 +1907,7 @@ class _WSGICall:
                 self.pending = []
                 if data:
                     return data
-            if self.sink is not None and self.sink.reader_closed:
+            if self.exchange.state == _LEFT:
                 # The caller left while the app yields only empty chunks: stop
                 # it here, as the next write would, instead of spinning.
                 raise BrokenPipeError(errno.EPIPE, "the caller has closed the response")
@@ -1173,37 +1939,30 @@ class _WSGICall:
         except BaseException as exc:  # noqa: BLE001 - the caller's answer stands
             _log_app_error(self.exchange, "in its iterable's close()", exc)
 
-    def pump(self, pipe: BodyPipe, inbox: Optional[BodyPipe] = None) -> None:
-        """The worker path: run the app and push its response into ``pipe``;
-        ``inbox`` is the request body's pipe, if it streams."""
-        self.sink = pipe
+    def pump(self) -> None:
+        """The worker path: run the app and push its response to the caller."""
+        exchange = self.exchange
         try:
-            head = self.begin()
-            if head is not None:
-                pipe._put_head(head)
-            if self.method != "HEAD":
+            self.begin()
+            if exchange.method != "HEAD":
                 while True:
                     data = self.next_chunk()
                     if data is None:
                         break
-                    pipe.write(data)
+                    exchange.forward(data)
         except BaseException as exc:  # noqa: BLE001
-            if isinstance(exc, BrokenPipeError) and pipe.reader_closed:
-                self.exchange.leave()  # the caller left: how a stream nobody reads ends
-            else:
-                _log_app_error(self.exchange, "after its response started", exc)
-                pipe.close_writer(_failure(self.exchange.name, "after its response started", exc))
+            exchange.fail(exc)
         else:
-            pipe.close_writer()
+            exchange.finish()
         finally:
             self.close()
-            if inbox is not None:
+            if self.inbox is not None:
                 # Request bytes nobody will read are dropped, as a socket's
                 # buffer would swallow them, so a caller still sending is freed.
-                inbox.close()
+                self.inbox.close()
 
 
-class _PulledBody(io.RawIOBase):
+class _PulledBody(_ChunkReader):
     """The caller-thread path's body: each read pulls the app's iterable in
     the caller's thread (in the request's context), as Werkzeug's test client
     and httpx's WSGI transport do -- no thread, no hop."""
@@ -1212,54 +1971,44 @@ class _PulledBody(io.RawIOBase):
         super().__init__()
         self._call = call
         self._ctx = ctx
-        self._chunk = memoryview(first)
+        self._first = first  # goes to the caller at the first read (a Fault may hold it)
         self._done = False
         self._generation = _fork_generation
 
-    def readable(self) -> bool:
-        return True
-
-    def _next(self) -> bool:
+    def _next_chunk(self, want: int) -> Optional[bytes]:
         if self._done:
-            return False
+            return None
         if self._generation != _fork_generation:
             # Begun before fork(): the app is the parent's to go on with; a
             # child that pulled it would run its side effects a second time.
             raise _forked_away()
         call = self._call
+        exchange = call.exchange
         try:
-            data = self._ctx.run(call.next_chunk)
+            while True:
+                if exchange.error is not None:
+                    raise exchange.error  # the server dropped it
+                if exchange.short is not None:
+                    data = None  # a Fault cut it: the response raises at this end
+                    break
+                data, self._first = self._first or self._ctx.run(call.next_chunk), b""
+                if data is None:
+                    break
+                data = exchange.forward(data)  # a Fault may keep part of it, or all
+                if data:
+                    return data
         except BaseException as exc:  # noqa: BLE001 - the app's failure goes to the reader
             self._done = True
             body_error = call.body_error
-            if body_error is not None:
+            if body_error is not None or exc is exchange.error:
                 self._ctx.run(call.close)
-                raise body_error from None
-            _log_app_error(call.exchange, "after its response started", exc)
-            self._ctx.run(call.close)
-            raise _failure(call.exchange.name, "after its response started", exc) from None
-        if data is None:
-            self._done = True
-            self._ctx.run(call.close)
-            return False
-        self._chunk = memoryview(data)
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if not len(self._chunk) and not self._next():
-            return 0
-        view = memoryview(b).cast("B")
-        n = min(len(view), len(self._chunk))
-        view[:n] = self._chunk[:n]
-        self._chunk = self._chunk[n:]
-        return n
-
-    def readall(self) -> bytes:
-        parts = [self._chunk.tobytes()]
-        while self._next():
-            parts.append(self._chunk.tobytes())
-        self._chunk = memoryview(b"")
-        return b"".join(parts)
+                raise (body_error or exc) from None
+            error = exchange.fail(exc, lambda: self._ctx.run(call.close))
+            raise (error or exc) from None
+        self._done = True
+        exchange.finish()
+        self._ctx.run(call.close)
+        return None
 
     def close(self) -> None:
         if not self.closed:
@@ -1270,43 +2019,76 @@ class _PulledBody(io.RawIOBase):
         super().close()
 
 
-_date_cache: List[Any] = [0, ""]
-
-
-def _http_date() -> str:
-    now = int(time.time())
-    if _date_cache[0] != now:
-        _date_cache[1] = email.utils.formatdate(now, usegmt=True)
-        _date_cache[0] = now
-    return _date_cache[1]  # type: ignore[no-any-return]
+def _serve_wsgi(bridge: InProcHandler, table: _Mounts, request: _Request, entry: _Entry,
+                exchange: _Exchange, ctx: contextvars.Context) -> _Response:
+    call = _WSGICall(entry.app, request, exchange)
+    method, timeout = request.method, request.timeout
+    if timeout is None:
+        # No deadline to keep: run the app in the caller's thread and pull
+        # its iterable as the caller reads -- no thread hop at all.
+        ctx.run(call.begin)
+        if exchange.error is not None:
+            ctx.run(call.close)
+            raise exchange.error
+        if exchange.fault is not None:
+            exchange.hold_head(None)
+        body = call.request_body
+        if body is not None:
+            # What the app has not read yet of the caller's body: as over a
+            # socket, a bounded part of it waits for the app; the caller's
+            # object is not touched once open() returns.
+            body.detach(0 if call.single or method == "HEAD" else PIPE_LIMIT)
+        if call.body_error is not None:
+            ctx.run(call.close)
+            raise call.body_error
+        first = exchange.first if method != "HEAD" else b""
+        if (call.single or method == "HEAD") and exchange.fault is None:
+            # The whole body came with the head: close the iterable now, as
+            # wsgiref does once it has written it, and skip the puller.
+            if exchange.call is not None:
+                exchange.forward(first)  # for the journal
+            exchange.finish()
+            ctx.run(call.close)
+            file: io.BufferedIOBase = _Body(first)
+        else:
+            file = io.BufferedReader(_PulledBody(call, ctx, first))
+        head = exchange.head
+    else:
+        exchange.pipe = BodyPipe(read_timeout=timeout, on_close=exchange.leave)
+        exchange.slot = _HeadSlot()
+        body = call.request_body
+        if body is not None:
+            # The worker reads the body from a pipe the caller's thread
+            # fills: no bridge thread ever reads the caller's object.
+            call.inbox = BodyPipe(write_timeout=timeout)
+            call.environ["wsgi.input"] = io.BufferedReader(call.inbox)
+        _workers.submit(lambda: ctx.run(call.pump))
+        if call.inbox is not None and body is not None:
+            try:
+                body.feed(call.inbox)
+            except BaseException:
+                exchange.pipe.close()
+                raise
+        head = exchange.await_head(timeout)
+        if call.body_error is not None:
+            exchange.pipe.close()
+            raise call.body_error
+        file = io.BufferedReader(exchange.pipe)
+    return _build_response(head, file, request.req, exchange)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------
-# Server side: ASGI
+# App adapters: ASGI
 # ---------------------------------------------------------------------------
 #
-# An ASGI 3 app runs on an event loop its bridge owns: one daemon thread per
-# InProcHandler (an OpenerFactory's openers share the factory's), started on
-# first use and stopped by close(), when the bridge is garbage-collected, or
-# at interpreter exit.  The caller's thread never runs the loop: it hands the
-# request over (call_soon_threadsafe, in a copy of its context), feeds a
-# streamed request body, and waits for the head on the response BodyPipe as
-# on the WSGI worker path.  The loop never blocks on a pipe: it uses
-# _LoopQueue's try_push/try_pull and sleeps on a future that the thread at
-# the other end resolves.  asyncio is imported on first use (and inspect on
-# the first mount of a callable), so that importing this module stays cheap.
-
-#: Seconds an ASGI app gets to finish its lifespan startup (``mount`` raises
-#: ``BridgeError`` after that) or its lifespan shutdown (``unmount`` and
-#: ``close`` go on after that).
-LIFESPAN_TIMEOUT = 60.0
-
-#: Seconds ``close()`` gives the ASGI requests and tasks it cancels to end.
-ASGI_CLOSE_GRACE = 5.0
-
-# Request body bytes one http.request message carries at most.
-_RECEIVE_LIMIT = 1 << 16
-
+# An ASGI 3 app runs on an event loop its mount table owns: one daemon thread
+# per InProcHandler (an OpenerFactory's openers share the factory's), started
+# on first use and stopped by close(), when the table is garbage-collected,
+# or at interpreter exit.  The caller's thread hands the request over
+# (call_soon_threadsafe, in a copy of its context), feeds a streamed request
+# body, and waits for the head in the exchange's slot.  The loop never blocks
+# on a pipe (_LoopPipe).  asyncio is imported on first use (and inspect on the
+# first mount of a callable), so that importing this module stays cheap.
 
 class ASGIApp:
     """Marks ``app`` as an ASGI 3 application where detection would take it
@@ -1371,114 +2153,90 @@ def _threadsafe(loop: Any, func: Callable[..., Any], *args: Any) -> None:
         pass  # the loop is closed: nobody is left waiting
 
 
-class _LoopQueue(_ChunkQueue):
-    """A ``_ChunkQueue`` with a non-blocking end for the event loop:
-    ``try_push`` and ``try_pull`` never wait.  When they cannot go on they
-    leave ``wake``, which the thread at the other end calls (outside the
-    lock) after its next pull, push or close."""
 
-    def _init(self, maxsize: int) -> None:
-        super()._init(maxsize)
-        self.wake: Optional[Callable[[], None]] = None
+class _LoopPipe(BodyPipe):
+    """A ``BodyPipe`` with an event loop at one end.  The loop never blocks
+    on it: ``try_put`` and ``try_get`` give up at once, having armed
+    ``wake``, which the thread at the other end calls after its next read,
+    write or close; the loop sleeps on a future that ``wake`` resolves."""
 
-    def _poke(self) -> None:
-        if self.wake is not None:
-            with self.mutex:
-                wake, self.wake = self.wake, None
-            if wake is not None:
-                wake()
-
-    def push(self, item: Any, timeout: Optional[float], bounded: bool = True) -> None:
-        super().push(item, timeout, bounded)
-        self._poke()
-
-    def pull(self, limit: int, timeout: Optional[float]) -> List[Any]:
-        items = super().pull(limit, timeout)
-        self._poke()
-        return items
-
-    def drop_reader(self) -> None:
-        super().drop_reader()
-        self._poke()
-
-    def try_push(self, item: bytes, wake: Optional[Callable[[], None]]) -> bool:
-        """Queue ``item`` unless the queue is full; ``BrokenPipeError`` once
+    def try_put(self, data: bytes, wake: Optional[Callable[[], None]]) -> bool:
+        """Queue ``data`` unless the pipe is full; ``BrokenPipeError`` once
         the reader has closed."""
-        with self.mutex:
-            if self.reader_gone:
-                raise BrokenPipeError(errno.EPIPE, "the reading end of the pipe is closed")
-            if self.level >= self.maxsize:
-                self.wake = wake
-                return False
-            self._put(item)
-            self.not_empty.notify()
+        chunks = self._queue
+        if chunks.try_put(data):
             return True
+        chunks.wake = wake  # then try again: a read may have come in between
+        return chunks.try_put(data)
 
-    def try_pull(self, limit: int, wake: Optional[Callable[[], None]]) -> Optional[List[Any]]:
-        """What ``pull`` would return, or ``None`` when nothing is queued."""
-        with self.mutex:
-            if not self.queue:
-                self.wake = wake
+    def try_get(self, wake: Optional[Callable[[], None]]) -> Optional[bytes]:
+        """Queued bytes; ``b""`` at the end; ``None`` while nothing is queued."""
+        chunks = self._queue
+        if not chunks.ready():
+            chunks.wake = wake  # then look again: a write may have come in between
+            if not chunks.ready():
                 return None
-            return self._take(limit)
+        return chunks.get(None)
 
+    @property
+    def drained(self) -> bool:
+        """The writer ended cleanly and every byte has been taken."""
+        return self._queue.drained
 
-def _loop_pipe(**kwargs: Any) -> BodyPipe:
-    pipe = BodyPipe(**kwargs)
-    pipe._queue = _LoopQueue(PIPE_LIMIT)
-    return pipe
+    @property
+    def failed(self) -> bool:
+        """The writer ended with an error."""
+        return self._queue.error is not None
 
 
 class _ASGICall:
     """One request to an ASGI app: its scope, ``receive`` and ``send``, run
-    as a task on the bridge's loop.  The response flows through ``pipe``
-    (head first, then the body) as on the WSGI worker path; a streamed
-    request body comes in through ``inbox``, fed by the caller's thread."""
+    as a task on the bridge's loop over the exchange.  A streamed request
+    body comes in through ``inbox``, fed by the caller's thread."""
 
-    def __init__(self, site: _Site, exchange: _Exchange, scope: Dict[str, Any], method: str,
-                 timeout: Optional[float], owner: Any) -> None:
+    def __init__(self, site: _Site, exchange: _Exchange, request: _Request, keep: Any) -> None:
         self.site = site
         self.exchange = exchange
-        self.scope = scope
+        self.scope = _asgi_scope(request, exchange, site)
         # The bridge's mounts: while a request lives, their finalizer (which
         # closes the loop) must not run, even if the opener was a temporary.
-        self.owner = owner
+        self.keep = keep
         self.loop: Any = None
-        self.pipe = _loop_pipe(read_timeout=timeout)
-        self.pipe._on_close = self.client_left
-        self.body: Optional[bytes] = b""  # a body given whole, until received
-        self.inbox: Optional[BodyPipe] = None  # a file or iterable body
-        self.no_body = method == "HEAD"
-        self.started = self.finished = self.gone = False
+        timeout = request.timeout
+        exchange.pipe = _LoopPipe(read_timeout=timeout, on_close=exchange.leave)
+        exchange.slot = _HeadSlot()
+        exchange.on_leave = self._left
+        exchange.on_loop = True  # a Fault's delays are awaited here, not slept
+        body = request.body
+        # A body given whole, until received; or a file or iterable body.
+        self.body: Optional[bytes] = None if isinstance(body, _RequestBody) else body or b""
+        self.inbox = _LoopPipe(write_timeout=timeout) if self.body is None else None
+        self.no_body = exchange.method == "HEAD"
+        self.started = self.finished = False  # the order of the app's messages
         self.length: Optional[int] = None
         self.sent = 0
         # The futures receive() calls sleep on: every one wakes when the
         # caller leaves (several tasks of one app may wait, as uvicorn allows).
         self._waiters: List[Any] = []
 
-    # -- the caller's side (any thread) ---------------------------------------
-
-    def client_left(self) -> None:
-        """The response was closed, dropped or timed out on."""
-        self.exchange.leave()
-        if self.loop is not None:
-            _threadsafe(self.loop, self._left)
-
-    # -- the loop's side ------------------------------------------------------
-
     def _left(self) -> None:
-        self.gone = True
-        self._wake()
+        # Any thread: the caller left (or the server dropped the exchange).
+        if self.loop is not None:
+            _threadsafe(self.loop, self._wake)
 
     def _wake(self) -> None:
         for future in self._waiters:
             _settle(future)
 
+    @property
+    def _live(self) -> bool:
+        return self.exchange.state in (_WAITING, _STREAMING)
+
     def refuse(self) -> None:
         """The bridge closed before this request started."""
         if self.inbox is not None:
             self.inbox.close()
-        self.pipe.close_writer(http.client.RemoteDisconnected("the in-process bridge was closed"))
+        self.exchange.abort(http.client.RemoteDisconnected("the in-process bridge was closed"))
 
     async def run(self) -> None:
         import asyncio
@@ -1487,48 +2245,39 @@ class _ASGICall:
         try:
             await self.site.app(self.scope, self.receive, self.send)
         except BaseException as exc:  # noqa: BLE001 - SystemExit too: the process must survive
-            self._failed(exc, isinstance(exc, asyncio.CancelledError) and self.site.runner.closing)
+            if isinstance(exc, asyncio.CancelledError) and self.site.runner.closing:
+                # close() cancelled the task: the connection drops, as at a
+                # server's shutdown.
+                exchange.abort(
+                    _failure(exchange.name, "as its bridge closed", exc) if self.started
+                    else http.client.RemoteDisconnected("the in-process bridge was closed"))
+            else:
+                exchange.fail(exc)
         else:
-            if exchange.gone and not self.finished:
-                # It saw http.disconnect (or its caller timed out) and
-                # stopped: the normal end of a stream nobody reads any more.
-                self.pipe.close_writer()
-            elif not self.started:
-                self._failed(RuntimeError("the ASGI app returned without sending "
-                                          "http.response.start"), False)
-            elif not self.finished:
-                self._failed(RuntimeError("the ASGI app returned without completing its "
-                                          "response (more_body=False)"), False)
+            # Back from the app with its caller gone: it saw http.disconnect
+            # (or its caller timed out) and stopped, the normal end of a
+            # stream nobody reads any more.
+            if exchange.state == _WAITING:
+                exchange.fail(RuntimeError(
+                    "the ASGI app returned without sending http.response.start"))
+            elif exchange.state == _STREAMING:
+                exchange.fail(RuntimeError("the ASGI app returned without completing its "
+                                           "response (more_body=False)"))
         finally:
             if self.inbox is not None:
                 # Request bytes nobody will read are dropped, as a socket's
                 # buffer would swallow them, so a caller still sending is freed.
                 self.inbox.close()
+            # Done with the loop: let the mounts (and so the loop) go with the
+            # caller's last reference, with no cycle or late wake-up to wait for.
+            exchange.on_leave = None
+            self.keep = None
 
-    def _failed(self, exc: BaseException, closing: bool) -> None:
-        exchange, pipe = self.exchange, self.pipe
-        if closing:
-            # close() cancelled the task: the connection drops, as at a
-            # server's shutdown.
-            pipe.close_writer(
-                _failure(exchange.name, "as its bridge closed", exc) if self.started
-                else http.client.RemoteDisconnected("the in-process bridge was closed"))
-        elif self.finished:
-            _log_app_error(exchange, "after its response ended", exc)
-        elif self.started:
-            _log_app_error(exchange, "after its response started", exc)
-            pipe.close_writer(_failure(exchange.name, "after its response started", exc))
-        else:
-            _log_app_error(exchange, "before responding", exc)
-            self.started = self.finished = True
-            head = (500, "Internal Server Error",
-                    [("Content-Type", "text/plain"), ("Content-Length", str(len(_ERROR_BODY))),
-                     ("Date", _http_date())], _ERROR_BODY)
-            try:
-                pipe._put_head(head)
-            except BrokenPipeError:
-                return  # the caller is gone; nobody is left to tell
-            pipe.close_writer()
+    def _sleeper(self) -> Tuple[Any, Callable[[], None]]:
+        # A future for the loop to sleep on, and the wake that resolves it
+        # from any thread.
+        future = self.loop.create_future()
+        return future, functools.partial(_threadsafe, self.loop, _settle, future)
 
     async def _sleep(self, future: Any) -> None:
         self._waiters.append(future)
@@ -1538,45 +2287,41 @@ class _ASGICall:
             self._waiters.remove(future)
 
     async def receive(self) -> Dict[str, Any]:
-        if not (self.gone or self.finished):
+        if self._live:
             if self.body is not None:
                 body, self.body = self.body, None
                 return {"type": "http.request", "body": body, "more_body": False}
             if self.inbox is not None:
-                message = await self._receive_chunk()
+                message = await self._receive_chunk(self.inbox)
                 if message is not None:
                     return message
             # The body is all in: the next event is the client leaving (or,
             # as uvicorn has it, the response being complete).
-            while not (self.gone or self.finished):
+            while self._live:
                 await self._sleep(self.loop.create_future())
         return {"type": "http.disconnect"}
 
-    async def _receive_chunk(self) -> Optional[Dict[str, Any]]:
-        inbox, loop = self.inbox, self.loop
-        if inbox is None:
-            return None
-        queue: _LoopQueue = inbox._queue  # type: ignore[assignment]
-        while not (self.gone or self.finished):
-            future = loop.create_future()
-            items = queue.try_pull(_RECEIVE_LIMIT, functools.partial(_threadsafe, loop, _settle,
-                                                                     future))
-            if items is None:
+    async def _receive_chunk(self, inbox: _LoopPipe) -> Optional[Dict[str, Any]]:
+        while self._live:
+            future, wake = self._sleeper()
+            data = inbox.try_get(wake)
+            if data is None:
                 await self._sleep(future)
                 continue
-            body = b"".join(item for item in items if type(item) is bytes)
-            end = items[-1]
-            if type(end) is bytes:
-                return {"type": "http.request", "body": body, "more_body": True}
+            more = not inbox.drained
+            if data and more:
+                return {"type": "http.request", "body": data, "more_body": True}
             self.inbox = None
+            failed = inbox.failed
             inbox.close()
-            if end.error is not None:
+            if failed:
                 return None  # the caller's body failed: the caller is gone
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": data, "more_body": False}
         return None
 
     async def send(self, message: Mapping[str, Any]) -> None:
         kind = message["type"]
+        exchange = self.exchange
         if kind == "http.response.body":
             if not self.started:
                 raise RuntimeError("ASGI app sent http.response.body before http.response.start")
@@ -1589,7 +2334,7 @@ class _ASGICall:
                                     % type(body).__name__)
                 body = bytes(body)
             more = message.get("more_body", False)
-            if self.pipe.reader_closed and (more or not self._delivered(body)):
+            if exchange.state == _LEFT and (more or not self._delivered(body)):
                 # ASGI HTTP spec 2.4: send() on a closed connection raises an
                 # OSError -- also when the body would not have been sent
                 # (HEAD, 204, 304), so an app streaming into the void learns.
@@ -1599,7 +2344,10 @@ class _ASGICall:
                     self.sent += len(body)
                     if self.sent > self.length:
                         raise RuntimeError("ASGI app sent more than its Content-Length")
-                await self._push(body)
+                if exchange.call is None and exchange.fault is None:
+                    await self._push(body)
+                else:
+                    await self._forward(body)
             elif more:
                 # Nothing queued, so nothing waited: yield to the loop all the
                 # same, or an app sending in a tight loop starves the others.
@@ -1608,12 +2356,12 @@ class _ASGICall:
                 await asyncio.sleep(0)
             if not more:
                 self.finished = True
-                self.pipe.close_writer()
+                exchange.finish()
                 self._wake()
         elif kind == "http.response.start":
             if self.started:
                 raise RuntimeError("ASGI app sent http.response.start twice")
-            self.pipe._put_head(self._head(message))  # BrokenPipeError once the caller left
+            exchange.respond(*self._head(message))  # BrokenPipeError once the caller left
             self.started = True
         else:
             raise ValueError("unexpected ASGI message type %r in an http scope" % (kind,))
@@ -1629,43 +2377,61 @@ class _ASGICall:
         if type(status) is not int or not 100 <= status <= 999:
             raise ValueError("bad ASGI status %r: want an int like 200" % (status,))
         headers: List[Tuple[str, str]] = []
-        names = set()
         for pair in message.get("headers", ()):
             name, value = pair
             if not (isinstance(name, (bytes, bytearray))
                     and isinstance(value, (bytes, bytearray))):
                 raise TypeError("ASGI response header %r: name and value must be bytes" % (pair,))
-            name, value = bytes(name).decode("latin-1"), bytes(value).decode("latin-1")
-            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-                raise ValueError("invalid ASGI response header %r" % (pair,))
-            lower = name.lower()
-            names.add(lower)
-            value = _wire_value(value)
-            if lower == "content-length" and value.strip().isdigit():
-                self.length = int(value)
-            headers.append((name, value))
-        if "date" not in names:
-            headers.append(("Date", _http_date()))  # as uvicorn and wsgiref add it
+            field = _header_field(bytes(name).decode("latin-1"), bytes(value).decode("latin-1"),
+                                  "ASGI", pair)
+            if field[0].lower() == "content-length" and field[1].strip().isdigit():
+                self.length = int(field[1])
+            headers.append(field)
         if status in (204, 304) or status < 200:
             self.no_body = True
         try:
             reason = http.HTTPStatus(status).phrase
         except ValueError:
             reason = ""
-        return (status, reason, headers, b"")
+        return (status, reason, headers)
+
+    async def _forward(self, body: bytes) -> None:
+        # The exchange's forward(), awaited: a journal or a Fault is at work.
+        exchange = self.exchange
+        if exchange.fault is not None:
+            await self._nap(exchange.fault.fault.chunk_delay)
+        keep, action = exchange.account(body)
+        if keep:
+            await self._push(body[:keep])
+        if action == "stall":
+            while self._live:  # nothing more arrives until the caller gives up
+                await self._sleep(self.loop.create_future())
+            raise BrokenPipeError(errno.EPIPE, "the caller has closed the response")
+        if action is not None:
+            exchange.cut(action)
+
+    async def _nap(self, seconds: float) -> None:
+        # A Fault's delay, cut short when the caller leaves.
+        if seconds > 0 and self._live:
+            future = self.loop.create_future()
+            handle = self.loop.call_later(seconds, _settle, future)
+            try:
+                await self._sleep(future)
+            finally:
+                handle.cancel()
 
     async def _push(self, data: bytes) -> None:
         """Queue ``data`` for the caller; while the pipe is full, sleep until
         the reader drains it -- other requests on the loop go on."""
-        queue: _LoopQueue = self.pipe._queue  # type: ignore[assignment]
-        if queue.try_push(data, None):
+        pipe = cast(_LoopPipe, self.exchange.pipe)
+        if pipe.try_put(data, None):
             return
-        loop = self.loop
         while True:
-            future = loop.create_future()
-            if queue.try_push(data, functools.partial(_threadsafe, loop, _settle, future)):
+            future, wake = self._sleeper()
+            if pipe.try_put(data, wake):
                 return
             await future
+
 
 
 class _Site:
@@ -1981,40 +2747,25 @@ class _ASGILoop:
             loop.call_soon(loop.stop)
 
 
-def _asgi_runner(mounts: _Mounts) -> _ASGILoop:
-    runner = mounts._asgi
-    if runner is None:
-        with mounts._lock:
-            runner = mounts._asgi
-            if runner is None:
-                runner = mounts._asgi = _ASGILoop()
-                runner.finalizer = weakref.finalize(mounts, runner.close)
-    return runner  # type: ignore[no-any-return]
 
 
-def _asgi_scope(req: urllib.request.Request, exchange: _Exchange, site: _Site) -> Dict[str, Any]:
-    """An ASGI HTTP scope built as a server would from what urllib sends."""
-    selector = req.selector or "/"
-    method = req.get_method()
-    _check_request_line(method, selector)
-    raw_path, _, query = selector.encode("ascii").partition(b"?")
-    headers = _wire_headers(req)
-    host, port = _split_host(req.host)
-    scheme = "https" if req.type == "https" else "http"
+def _asgi_scope(request: _Request, exchange: _Exchange, site: _Site) -> Dict[str, Any]:
+    """An ASGI HTTP scope built as a server would from the request."""
+    raw_path, _, query = request.target.encode("ascii").partition(b"?")
     scope: Dict[str, Any] = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
         "http_version": "1.1",
-        "method": method,
-        "scheme": scheme,
+        "method": request.method,
+        "scheme": request.scheme,
         "path": urllib.parse.unquote(raw_path.decode("ascii")),
         "raw_path": raw_path,
         "query_string": query,
         "root_path": "",
         "headers": [(name.lower().encode("latin-1"), value.encode("latin-1"))
-                    for name, value in headers],
+                    for name, value in request.headers],
         "client": CLIENT_ADDRESS,
-        "server": (host.strip("[]"), port or _DEFAULT_PORTS[scheme]),
+        "server": (request.host.strip("[]"), request.port),
         "extensions": {"inproc": {"source": exchange.source, "actor": exchange.actor}},
     }
     if site.state is not None:
@@ -2022,33 +2773,7 @@ def _asgi_scope(req: urllib.request.Request, exchange: _Exchange, site: _Site) -
     return scope
 
 
-def _feed(inbox: BodyPipe, body: _RequestBody) -> None:
-    """Send a file or iterable request body into ``inbox`` (read by an app on
-    another thread) from the caller's thread, as http.client sends one:
-    before the response is read, held back while the app does not read.  So
-    nothing but the caller's thread ever touches the caller's body object."""
-    view = memoryview(bytearray(_RECEIVE_LIMIT))
-    try:
-        while True:
-            n = body.readinto(view)
-            if not n:
-                break
-            inbox.write(view[:n])
-    except BrokenPipeError:
-        return  # the app finished without reading it all: dropped, as TCP would
-    except BaseException as exc:
-        inbox.close_writer(ConnectionAbortedError(
-            errno.ECONNABORTED, "the caller stopped sending its request body: %s: %s"
-            % (type(exc).__name__, exc)))
-        if body.error is not None:
-            raise body.error from None
-        if isinstance(exc, socket.timeout):
-            raise urllib.error.URLError(exc) from exc  # as urllib's do_open reports it
-        raise
-    inbox.close_writer()
-
-
-def _serve_asgi(bridge: InProcHandler, req: urllib.request.Request, entry: _Entry,
+def _serve_asgi(bridge: InProcHandler, table: _Mounts, request: _Request, entry: _Entry,
                 exchange: _Exchange, ctx: contextvars.Context) -> _Response:
     site: _Site = entry.asgi
     runner = site.runner
@@ -2056,274 +2781,21 @@ def _serve_asgi(bridge: InProcHandler, req: urllib.request.Request, entry: _Entr
         raise BridgeError(
             "a blocking in-process call to ASGI app %r from its own event loop would deadlock: "
             "make it from another thread (loop.run_in_executor)" % (entry.name,))
-    method = req.get_method()
-    scope = _asgi_scope(req, exchange, site)
-    timeout = _effective_timeout(getattr(req, "timeout", None))
-    call = _ASGICall(site, exchange, scope, method, timeout, bridge._mounts)
-    body = _request_body(req.data)
-    if isinstance(body, _RequestBody):
-        call.body = None
-        call.inbox = _loop_pipe(write_timeout=timeout)
-    else:
-        call.body = body or b""
+    call = _ASGICall(site, exchange, request, table)
     runner.submit(call, ctx)
-    pipe = call.pipe
+    pipe: BodyPipe = exchange.pipe  # type: ignore[assignment]
     if call.inbox is not None:
         try:
-            _feed(call.inbox, body)
+            cast(_RequestBody, request.body).feed(call.inbox)
         except BaseException:
             pipe.close()
             raise
-    head = pipe._take_head()
-    return _build_response(head, io.BufferedReader(pipe), req)
-
+    head = exchange.await_head(request.timeout)
+    return _build_response(head, io.BufferedReader(pipe), request.req, exchange)
 
 # ---------------------------------------------------------------------------
-# The dispatcher: mounts, requests, responses
+# What the caller gets: the response object
 # ---------------------------------------------------------------------------
-
-
-class _Entry:
-    __slots__ = ("name", "app", "kind", "server", "asgi")
-
-    def __init__(self, name: str, app: Any, kind: str, server: Any) -> None:
-        self.name = name
-        self.app = app
-        self.kind = kind
-        self.server = server
-        self.asgi: Any = None  # an ASGI app's _Site on its bridge's loop
-
-
-def _app_kind(app: Any) -> str:
-    target = app
-    while isinstance(target, functools.partial):
-        target = target.func
-    if isinstance(target, type) and issubclass(target, socketserver.BaseRequestHandler):
-        return "handler"
-    if _is_asgi(app):  # before WSGI: both are callables
-        return "asgi"
-    if callable(app):
-        return "wsgi"
-    raise TypeError(
-        "cannot mount %r: want a BaseHTTPRequestHandler subclass (or a partial of one), "
-        "a WSGI callable or an ASGI 3 app" % (app,)
-    )
-
-
-@functools.lru_cache(maxsize=256)
-def _split_host(host: str) -> Tuple[str, Optional[int]]:
-    """``host[:port]`` -> (lower-case host, port or None); BridgeError if bad."""
-    if not host:
-        raise BridgeError("no host given")
-    if not host.isascii():
-        raise BridgeError("host %r is not ASCII: mount names are ASCII host names" % (host,))
-    match = _HOST.fullmatch(host)
-    if match is None:
-        raise BridgeError("bad host %r" % (host,))
-    name, port = match.groups()
-    if port and (len(port) > 5 or int(port) > 65535):
-        raise BridgeError("bad port in %r" % (host,))
-    return name.lower(), int(port) if port else None
-
-
-class _Mounts:
-    """Mount name -> app, shared by a handler and the openers a factory hands
-    out.  Copy-on-write: a lookup is one dict read, with no lock; ``add`` and
-    ``remove`` swap in a new dict, so a request finishes on the app it
-    started with."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.table: Dict[Tuple[str, Optional[int]], _Entry] = {}
-        self._asgi: Any = None  # the _ASGILoop, made on first ASGI mount
-        _tables.add(self)
-
-    def after_fork(self) -> None:
-        """In a forked child: a mount under way in another thread at fork
-        time left the lock held; the table itself was swapped whole."""
-        self._lock = threading.Lock()
-
-    def add(self, name: str, app: Any, server: Any = None) -> None:
-        if not isinstance(name, str):
-            raise TypeError("mount name must be a str, not %s" % type(name).__name__)
-        try:
-            key = _split_host(name)
-        except BridgeError as exc:
-            raise ValueError(
-                "cannot mount %r (%s): a mount name is the host part of a URL -- ASCII, "
-                "no '/', '?', '#', '@' or spaces, an IPv6 address in brackets -- optionally "
-                "with ':port' (0-65535), e.g. 'api' or 'api.internal:8443'" % (name, exc.reason)
-            ) from None
-        kind = _app_kind(app)
-        if server is None and kind == "handler":
-            server = _StubServer(key[0], key[1] or 80)
-        entry = _Entry(name, app, kind, server)
-        if kind == "asgi":  # lifespan startup; BridgeError if it fails
-            entry.asgi = _asgi_runner(self).attach(app, name)
-        with self._lock:
-            table = dict(self.table)
-            old = table.get(key)
-            table[key] = entry
-            self.table = table
-        if old is not None and old.asgi is not None:  # the replaced app's lifespan shutdown
-            old.asgi.runner.detach(old.asgi)
-
-    def remove(self, name: str) -> None:
-        try:
-            key = _split_host(name)
-        except BridgeError:
-            raise KeyError(name) from None
-        with self._lock:
-            if key not in self.table:
-                raise KeyError(name)
-            table = dict(self.table)
-            old = table.pop(key)
-            self.table = table
-        if old.asgi is not None:  # lifespan shutdown once no name serves it
-            old.asgi.runner.detach(old.asgi)
-
-    def find(self, host: str, scheme: str) -> Optional[_Entry]:
-        name, port = _split_host(host)
-        table = self.table
-        entry = table.get((name, port))
-        if entry is None:
-            default = _DEFAULT_PORTS.get(scheme)
-            if port is None and default is not None:
-                entry = table.get((name, default))
-            elif port is not None and port == default:
-                entry = table.get((name, None))
-        return entry
-
-    def __bool__(self) -> bool:
-        return bool(self.table)
-
-    def close(self) -> None:
-        """Cancel the ASGI requests still running, run the lifespan
-        shutdown of the ASGI apps, stop the event-loop thread.  Idempotent;
-        ASGI apps can be neither mounted nor called afterwards."""
-        _asgi_runner(self).finalizer()  # runs close() once, then never again
-
-
-def _wire_headers(req: urllib.request.Request) -> List[Tuple[str, str]]:
-    """The header block urllib and http.client would put on the wire, in
-    order, checked as http.client checks it."""
-    headers = dict(req.unredirected_hdrs)
-    headers.update({k: v for k, v in req.headers.items() if k not in headers})
-    headers["Connection"] = "close"
-    lines: List[Tuple[str, str]] = []
-    names = {name.lower() for name in headers}
-    if "host" not in names:
-        lines.append(("Host", req.host))
-    if "accept-encoding" not in names:
-        lines.append(("Accept-Encoding", "identity"))
-    for name, value in headers.items():
-        line = _checked_headers.get((name, value)) if type(value) is str else None
-        if line is None:
-            line = _check_header(name, value)
-            if type(value) is str and len(_checked_headers) < 256:
-                _checked_headers[(name, value)] = line
-        lines.append(line)
-    return lines
-
-
-# urllib sends the same User-Agent, Connection and Host on every request:
-# remembering headers already checked saves ~2 us of a 25 us request.
-_checked_headers: Dict[Tuple[str, str], Tuple[str, str]] = {}
-
-
-def _check_header(name: str, value: Any) -> Tuple[str, str]:
-    name = name.title()
-    if isinstance(value, int):
-        value = str(value)
-    elif isinstance(value, bytes):
-        value = value.decode("latin-1")
-    else:
-        value.encode("latin-1")  # http.client's own check: UnicodeEncodeError
-    if not _TOKEN.fullmatch(name):
-        raise ValueError("Invalid header name %r" % (name,))
-    if _BAD_VALUE.search(value):
-        raise ValueError("Invalid header value %r" % (value,))
-    return name, value
-
-
-def _check_request_line(method: str, selector: str) -> None:
-    """Refuse what http.client refuses in a request line, the same way."""
-    if _BAD_METHOD_CHAR.search(method):
-        raise ValueError("method can't contain control characters. %r" % (method,))
-    if _BAD_URL_CHAR.search(selector):
-        raise http.client.InvalidURL(
-            "URL can't contain control characters. %r" % (selector,)
-        )
-    if not (method.isascii() and selector.isascii()):
-        ("%s %s" % (method, selector)).encode("ascii")  # http.client's UnicodeEncodeError
-
-
-def _environ(req: urllib.request.Request, entry: _Entry, exchange: _Exchange,
-             call: _WSGICall) -> Dict[str, Any]:
-    """A PEP 3333 environ built as a real server would from what urllib sends."""
-    selector = req.selector or "/"
-    method = req.get_method()
-    _check_request_line(method, selector)
-    headers = _wire_headers(req)
-    host, port = _split_host(req.host)
-    scheme = "https" if req.type == "https" else "http"
-    path, _, query = selector.partition("?")
-    environ: Dict[str, Any] = {
-        "REQUEST_METHOD": method,
-        "SCRIPT_NAME": "",
-        "PATH_INFO": urllib.parse.unquote(path, "iso-8859-1"),
-        "QUERY_STRING": query,
-        "SERVER_NAME": host,
-        "SERVER_PORT": str(port or _DEFAULT_PORTS[scheme]),
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "REMOTE_ADDR": CLIENT_ADDRESS[0],
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": scheme,
-        "wsgi.errors": _WSGI_ERRORS,
-        "wsgi.multithread": True,
-        "wsgi.multiprocess": False,
-        "wsgi.run_once": False,
-        "wsgi.input_terminated": True,
-        "wsgi.file_wrapper": FileWrapper,
-        "inproc.source": exchange.source,
-        "inproc.actor": exchange.actor,
-    }
-    for name, value in headers:
-        key = _ENVIRON_KEYS.get(name)
-        if key is None:
-            key = _environ_key(name)
-        if not key:
-            continue
-        value = value.strip()
-        if key in environ:
-            environ[key] += "," + value
-        else:
-            environ[key] = value
-    body = _request_body(req.data)
-    if isinstance(body, _RequestBody):
-        call.request_body = body
-        environ["wsgi.input"] = io.BufferedReader(body)
-    else:
-        environ["wsgi.input"] = io.BytesIO(body or b"")
-    return environ
-
-
-_ENVIRON_KEYS: Dict[str, str] = {}
-
-
-def _environ_key(name: str) -> str:
-    """``Content-Type`` -> ``CONTENT_TYPE``, ``X-Id`` -> ``HTTP_X_ID``; ``""``
-    for a name with an underscore, dropped (as nginx and gunicorn drop it) so
-    that ``X_Id`` cannot pass for a proxy's ``X-Id``."""
-    if "_" in name:
-        key = ""
-    else:
-        key = name.upper().replace("-", "_")
-        if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-            key = "HTTP_" + key
-    if len(_ENVIRON_KEYS) < 256:
-        _ENVIRON_KEYS[name] = key
-    return key
 
 
 class _Holder:
@@ -2422,20 +2894,48 @@ class _Response(http.client.HTTPResponse):
             self.will_close = True
         return True
 
-    def _ended_short(self) -> None:
+    _exchange: Optional[_Exchange] = None  # set by whoever makes it
+
+    def _ended_short(self, data: bytes = b"") -> None:
+        exchange = self._exchange
+        if exchange is not None and exchange.short is not None:
+            raise http.client.IncompleteRead(data)  # a Fault cut the body
         if self.length and not self.chunked and self._method != "HEAD":  # type: ignore[attr-defined]
             raise http.client.IncompleteRead(b"", self.length)
 
+    def _cut_read(self, read: Callable[..., Any], *args: Any) -> Any:
+        # http.client's chunked reader, cut mid-chunk, drops the bytes it had
+        # of that chunk from its IncompleteRead; after a Fault's cut they are
+        # put back, so the caller learns of every byte it was sent.
+        try:
+            return read(*args)
+        except http.client.IncompleteRead as exc:
+            inner = exc.__cause__ or exc.__context__
+            if self._exchange is None or self._exchange.short is None or not isinstance(
+                    inner, http.client.IncompleteRead):
+                raise
+            raise http.client.IncompleteRead(exc.partial + inner.partial) from None
+
     def read(self, amt: Optional[int] = None) -> bytes:
         live = self.fp is not None
-        data = super().read(amt)
+        exchange = self._exchange
+        if exchange is None or exchange.fault is None:  # no Fault: the usual case
+            data: bytes = super().read(amt)
+        else:
+            data = self._cut_read(super().read, amt)
+            if live and data and (amt is None or amt < 0) and exchange.short is not None:
+                self._ended_short(data)  # all of it, read to the cut: IncompleteRead keeps it
         if live and not data and amt != 0:
             self._ended_short()
         return data
 
     def readinto(self, b: Any) -> int:
         live = self.fp is not None
-        n = super().readinto(b)
+        exchange = self._exchange
+        if exchange is not None and exchange.fault is not None:
+            n: int = self._cut_read(super().readinto, b)
+        else:
+            n = super().readinto(b)
         if live and not n and len(memoryview(b)):
             self._ended_short()
         return n
@@ -2473,33 +2973,6 @@ class _Response(http.client.HTTPResponse):
         super().__del__()
 
 
-class _Connection(http.client.HTTPConnection):
-    """An ``HTTPConnection`` whose socket is a pair of pipes to a handler
-    class running on a worker; urllib's ``do_open`` drives it, so the request
-    leaves as urllib would send it and http.client parses the response."""
-
-    response_class = _Response
-
-    def __init__(self, host: str, timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore[attr-defined]
-                 *, run: _HandlerRun) -> None:
-        super().__init__(host, timeout=timeout)
-        self._run = run
-
-    def connect(self) -> None:
-        sock = _ClientSocket(self._run)
-        sock.settimeout(_effective_timeout(self.timeout))
-        self.sock = sock
-
-    def putheader(self, header: Union[str, bytes], *values: Any) -> None:
-        # The bridge has checked these headers already (_wire_headers, which
-        # also refuses the control characters http.client lets through):
-        # format them as http.client would without its second pass (~3 us).
-        if type(header) is str and len(values) == 1 and type(values[0]) is str:
-            self._buffer.append(("%s: %s" % (header, values[0])).encode("latin-1"))  # type: ignore[attr-defined]
-        else:
-            super().putheader(header, *values)
-
-
 # A head _Response reads without http.client's parser; anything else it
 # leaves to http.client.  Field values lose their leading spaces and tabs,
 # as http.client's parser strips them.
@@ -2515,8 +2988,9 @@ def _max_headers() -> int:
     return limit
 
 
-def _build_response(head: _Head, file: io.BufferedIOBase, req: urllib.request.Request) -> _Response:
-    code, reason, headers, _ = head
+def _build_response(head: _Head, file: io.BufferedIOBase, req: urllib.request.Request,
+                    exchange: _Exchange) -> _Response:
+    code, reason, headers = head
     max_headers = _max_headers()
     max_line = getattr(http.client, "_MAXLINE", 65536)
     try:
@@ -2528,8 +3002,9 @@ def _build_response(head: _Head, file: io.BufferedIOBase, req: urllib.request.Re
     except http.client.HTTPException:
         file.close()  # releases the app
         raise
-    method = req.get_method()
+    method = exchange.method
     resp = _Response(_Holder(file), method=method)  # type: ignore[arg-type]
+    resp._exchange = exchange
     msg = http.client.HTTPMessage()
     # What msg[name] = value stores under the compat32 policy HTTPMessage
     # uses, without its per-header policy calls (~1 us a request).
@@ -2544,7 +3019,7 @@ def _build_response(head: _Head, file: io.BufferedIOBase, req: urllib.request.Re
     if method == "HEAD" or code in (204, 304) or 100 <= code < 200:
         length = 0
     else:
-        declared = msg.get("content-length")
+        declared = exchange.declared  # the first Content-Length, as msg.get() finds it
         if declared is not None:
             try:
                 length = int(declared)
@@ -2559,6 +3034,185 @@ def _build_response(head: _Head, file: io.BufferedIOBase, req: urllib.request.Re
     resp.msg = reason  # type: ignore[assignment]
     return resp
 
+
+
+def _answer(request: _Request, exchange: _Exchange, status: int) -> _Response:
+    """An answer the bridge gives without calling the app (a Fault's
+    status), empty-bodied: outcome "refused"."""
+    head = (status, http.client.responses.get(status, ""),
+            [("Content-Length", "0"), ("Date", _http_date())])
+    exchange.declared = "0"
+    if exchange.call is not None:
+        exchange.call._head(head)
+        exchange.call._end("refused")
+    return _build_response(head, _Body(b""), request.req, exchange)
+
+
+_Connection.response_class = _Response
+
+# ---------------------------------------------------------------------------
+# Mounts and dispatch
+# ---------------------------------------------------------------------------
+
+#: How each app kind is served: the adapters above, by ``_app_kind``'s names.
+_SERVE: Dict[str, Callable[..., _Response]] = {
+    "handler": _serve_handler,
+    "wsgi": _serve_wsgi,
+    "asgi": _serve_asgi,
+}
+
+
+class _Entry:
+    """One mount: the name it was mounted as, the app and how to serve it."""
+
+    __slots__ = ("name", "app", "kind", "server", "asgi", "serve", "fault", "fault_left")
+
+    def __init__(self, name: str, app: Any, kind: str, server: Any,
+                 fault: Optional[Fault]) -> None:
+        self.name = name
+        self.app = app
+        self.kind = kind
+        self.server = server
+        self.asgi: Any = None  # an ASGI app's _Site on its table's loop
+        self.serve = _SERVE[kind]
+        self.fault = fault
+        self.fault_left = None if fault is None else fault.times
+
+    def take_fault(self) -> Optional[Fault]:
+        """The fault this request gets, if any: ``times`` counts down."""
+        fault = self.fault
+        if fault is not None and fault.times is not None:
+            with _LOCK:
+                if not self.fault_left:
+                    return None
+                self.fault_left -= 1
+        return fault
+
+
+def _app_kind(app: Any) -> str:
+    """Which adapter serves ``app``: "handler", "asgi" or "wsgi"."""
+    target = app
+    while isinstance(target, functools.partial):
+        target = target.func
+    if isinstance(target, type) and issubclass(target, socketserver.BaseRequestHandler):
+        return "handler"
+    if _is_asgi(app):  # before WSGI: both are callables
+        return "asgi"
+    if callable(app):
+        return "wsgi"
+    raise TypeError(
+        "cannot mount %r: want a BaseHTTPRequestHandler subclass (or a partial of one), "
+        "a WSGI callable or an ASGI 3 app" % (app,)
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _split_host(host: str) -> Tuple[str, Optional[int]]:
+    """``host[:port]`` -> (lower-case host, port or None); BridgeError if bad."""
+    if not host:
+        raise BridgeError("no host given")
+    if not host.isascii():
+        raise BridgeError("host %r is not ASCII: mount names are ASCII host names" % (host,))
+    match = _HOST.fullmatch(host)
+    if match is None:
+        raise BridgeError("bad host %r" % (host,))
+    name, port = match.groups()
+    if port and (len(port) > 5 or int(port) > 65535):
+        raise BridgeError("bad port in %r" % (host,))
+    return name.lower(), int(port) if port else None
+
+
+class _Mounts:
+    """Mount name -> app, shared by a handler and the openers a factory hands
+    out, and the owner of the event loop its ASGI apps run on.
+    Copy-on-write: a lookup is one dict read, with no lock; ``add`` and
+    ``remove`` swap in a new dict, so a request finishes on the app it
+    started with."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.table: Dict[Tuple[str, Optional[int]], _Entry] = {}
+        self._asgi: Optional[_ASGILoop] = None  # made on the first ASGI mount
+        _tables.add(self)
+
+    def runner(self) -> _ASGILoop:
+        """The loop this table's ASGI apps run on; ``close()`` (or the
+        table's collection) stops it."""
+        runner = self._asgi
+        if runner is None:
+            with self._lock:
+                runner = self._asgi
+                if runner is None:
+                    runner = self._asgi = _ASGILoop()
+                    runner.finalizer = weakref.finalize(self, runner.close)
+        return runner
+
+    def after_fork(self) -> None:
+        """In a forked child: a mount under way in another thread at fork
+        time left the lock held; the table itself was swapped whole."""
+        self._lock = threading.Lock()
+
+    def add(self, name: str, app: Any, server: Any = None, fault: Optional[Fault] = None) -> None:
+        if fault is not None and not isinstance(fault, Fault):
+            raise TypeError("fault must be an inproc_bridge.Fault, not %r" % (fault,))
+        if not isinstance(name, str):
+            raise TypeError("mount name must be a str, not %s" % type(name).__name__)
+        try:
+            key = _split_host(name)
+        except BridgeError as exc:
+            raise ValueError(
+                "cannot mount %r (%s): a mount name is the host part of a URL -- ASCII, "
+                "no '/', '?', '#', '@' or spaces, an IPv6 address in brackets -- optionally "
+                "with ':port' (0-65535), e.g. 'api' or 'api.internal:8443'" % (name, exc.reason)
+            ) from None
+        kind = _app_kind(app)
+        if server is None and kind == "handler":
+            server = _StubServer(key[0], key[1] or 80)
+        entry = _Entry(name, app, kind, server, fault)
+        if kind == "asgi":  # lifespan startup; BridgeError if it fails
+            entry.asgi = self.runner().attach(app, name)
+        with self._lock:
+            table = dict(self.table)
+            old = table.get(key)
+            table[key] = entry
+            self.table = table
+        if old is not None and old.asgi is not None:  # the replaced app's lifespan shutdown
+            old.asgi.runner.detach(old.asgi)
+
+    def remove(self, name: str) -> None:
+        try:
+            key = _split_host(name)
+        except BridgeError:
+            raise KeyError(name) from None
+        with self._lock:
+            if key not in self.table:
+                raise KeyError(name)
+            table = dict(self.table)
+            old = table.pop(key)
+            self.table = table
+        if old.asgi is not None:  # lifespan shutdown once no name serves it
+            old.asgi.runner.detach(old.asgi)
+
+    def find(self, host: str, scheme: str) -> Optional[_Entry]:
+        name, port = _split_host(host)
+        table = self.table
+        entry = table.get((name, port))
+        if entry is None:
+            default = _DEFAULT_PORTS.get(scheme)
+            if port is None and default is not None:
+                entry = table.get((name, default))
+            elif port is not None and port == default:
+                entry = table.get((name, None))
+        return entry
+
+    def __bool__(self) -> bool:
+        return bool(self.table)
+
+    def close(self) -> None:
+        """Cancel the ASGI requests still running, run the lifespan
+        shutdown of the ASGI apps, stop the event-loop thread.  Idempotent;
+        ASGI apps can be neither mounted nor called afterwards."""
+        self.runner().finalizer()  # runs close() once, then never again
 
 # ---------------------------------------------------------------------------
 # The urllib handler
@@ -2595,30 +3249,35 @@ class InProcHandler(urllib.request.BaseHandler):
     # Before ProxyHandler (100): an in-process host is never sent to a proxy.
     handler_order = 90
 
-    def __init__(self, apps: Optional[Mapping[str, Any]] = None, *,
+    def __init__(self, apps: Union[Mapping[str, Any], _Mounts, None] = None, *,
                  source: Optional[str] = None, actor: Any = None,
-                 intercept_http: bool = False) -> None:
-        self._mounts = _Mounts()
-        for name, app in (apps or {}).items():
-            self._mounts.add(name, app)
+                 intercept_http: bool = False, record: Any = False) -> None:
+        # An OpenerFactory's opener gets the factory's table (and its close()).
+        self._owns_mounts = not isinstance(apps, _Mounts)
+        if isinstance(apps, _Mounts):
+            self._mounts = apps
+        else:
+            self._mounts = _Mounts()
+            for name, app in (apps or {}).items():
+                self._mounts.add(name, app)
         self.source: Optional[Source] = None if source is None else Source(source)
         self.actor = actor
         self.intercept_http = intercept_http
+        #: The call journal (``record=``), or None.
+        self.calls = _journal(record)
         self._debuglevel = 0
 
-    def mount(self, name: str, app: Any, *, server: Any = None) -> None:
+    def mount(self, name: str, app: Any, *, server: Any = None,
+              fault: Optional[Fault] = None) -> None:
         """Serve ``app`` as ``name``, replacing any app mounted there
         atomically: requests in flight finish on the app they started with.
-        A handler class sees ``server`` as ``self.server``."""
-        self._mounts.add(name, app, server)
+        A handler class sees ``server`` as ``self.server``; ``fault`` is a
+        ``Fault`` its requests get (remounting without it clears it)."""
+        self._mounts.add(name, app, server, fault)
 
     def unmount(self, name: str) -> None:
         """Stop serving ``name``; ``KeyError`` if nothing is mounted there."""
         self._mounts.remove(name)
-
-    # -- ASGI: the event loop --------------------------------------------------
-
-    _owns_mounts = True  # False on the handlers OpenerFactory.opener_for makes
 
     def close(self) -> None:
         """Stop what this bridge runs for ASGI apps: cancel their requests
@@ -2744,73 +3403,23 @@ class InProcHandler(urllib.request.BaseHandler):
             return False
 
     def _serve(self, req: urllib.request.Request, entry: _Entry) -> http.client.HTTPResponse:
-        exchange = _Exchange(entry.name, self.source, self.actor)
+        request = _Request(req)
+        exchange = _Exchange(entry.name, self.source, self.actor, request.method)
+        journal = self.calls
+        if journal is not None:
+            call = exchange.call = Call(req.full_url, entry.name, request, self.source, self.actor)
+            journal._add(call)
+            if isinstance(request.body, _RequestBody):
+                request.body.call = call
+        if entry.fault is not None:
+            fault = entry.take_fault()
+            if fault is not None and fault.status is not None:
+                return _answer(request, exchange, fault.status)
+            exchange.fault = None if fault is None else _FaultRun(fault)
         # The app runs in a copy of the caller's context, on whichever thread.
         ctx = contextvars.copy_context()
         ctx.run(_exchange.set, exchange)
-        if entry.kind == "handler":
-            # http.client lets NUL and other control characters through in
-            # header values; refuse them here as on the WSGI path.
-            _wire_headers(req)
-            run = _HandlerRun(entry, exchange, ctx, _effective_timeout(req.timeout))
-            resp = cast(_Response, urllib.request.AbstractHTTPHandler.do_open(
-                self, _Connection, req, run=run))  # type: ignore[arg-type]
-        elif entry.kind == "asgi":
-            resp = _serve_asgi(self, req, entry, exchange, ctx)
-        else:
-            resp = self._serve_wsgi(req, entry, exchange, ctx)
-        return resp
-
-    def _serve_wsgi(self, req: urllib.request.Request, entry: _Entry, exchange: _Exchange,
-                    ctx: contextvars.Context) -> _Response:
-        method = req.get_method()
-        call = _WSGICall(entry.app, {}, exchange, method)
-        call.environ = _environ(req, entry, exchange, call)
-        timeout = _effective_timeout(getattr(req, "timeout", None))
-        if timeout is None:
-            # No deadline to keep: run the app in the caller's thread and
-            # pull its iterable as the caller reads -- no thread hop at all.
-            head = ctx.run(call.begin)
-            if head is None:  # only write() with a worker's pipe sends it early
-                raise RuntimeError("the WSGI app's head went missing")
-            if call.request_body is not None:
-                # What the app has not read yet of the caller's body: as over
-                # a socket, a bounded part of it waits for the app; the
-                # caller's object is not touched once open() returns.
-                call.request_body.detach(0 if call.single or method == "HEAD" else PIPE_LIMIT)
-            if call.body_error is not None:
-                ctx.run(call.close)
-                raise call.body_error
-            if call.single or method == "HEAD":
-                # The whole body came with the head: close the iterable now,
-                # as wsgiref does once it has written it, and skip the puller.
-                ctx.run(call.close)
-                file: io.BufferedIOBase = _Body(head[3] if method != "HEAD" else b"")
-            else:
-                file = io.BufferedReader(_PulledBody(call, ctx, head[3]))
-        else:
-            pipe = BodyPipe(read_timeout=timeout)
-            pipe._on_close = exchange.leave
-            body = call.request_body
-            inbox = None
-            if body is not None:
-                # The worker reads the body from a pipe the caller's thread
-                # fills: no bridge thread ever reads the caller's object.
-                inbox = BodyPipe(write_timeout=timeout)
-                call.environ["wsgi.input"] = io.BufferedReader(inbox)
-            _workers.submit(lambda: ctx.run(call.pump, pipe, inbox))
-            if inbox is not None and body is not None:
-                try:
-                    _feed(inbox, body)
-                except BaseException:
-                    pipe.close()
-                    raise
-            head = pipe._take_head()
-            if call.body_error is not None:
-                pipe.close()
-                raise call.body_error
-            file = io.BufferedReader(pipe)
-        return _build_response(head, file, req)
+        return entry.serve(self, self._mounts, request, entry, exchange, ctx)
 
 
 # ---------------------------------------------------------------------------
@@ -2830,16 +3439,19 @@ class OpenerFactory:
     """
 
     def __init__(self, apps: Optional[Mapping[str, Any]] = None, *,
-                 intercept_http: bool = False) -> None:
+                 intercept_http: bool = False, record: Any = False) -> None:
         self._mounts = _Mounts()
         for name, app in (apps or {}).items():
             self._mounts.add(name, app)
         self.intercept_http = intercept_http
+        #: The call journal every opener of this factory adds to, or None.
+        self.calls = _journal(record)
         self._tls: Any = None  # urllib's default HTTPSHandler, made on first use
 
-    def mount(self, name: str, app: Any, *, server: Any = None) -> None:
+    def mount(self, name: str, app: Any, *, server: Any = None,
+              fault: Optional[Fault] = None) -> None:
         """Serve ``app`` as ``name`` on every opener of this factory."""
-        self._mounts.add(name, app, server)
+        self._mounts.add(name, app, server, fault)
 
     def unmount(self, name: str) -> None:
         """Stop serving ``name``; ``KeyError`` if nothing is mounted there."""
@@ -2857,9 +3469,8 @@ class OpenerFactory:
         Raises ``BridgeError`` when nothing is mounted."""
         if not self._mounts:
             raise BridgeError("nothing is mounted on this OpenerFactory; mount an app first")
-        bridge = InProcHandler(source=source, actor=actor, intercept_http=self.intercept_http)
-        bridge._mounts = self._mounts
-        bridge._owns_mounts = False  # the factory's close() owns the loop
+        bridge = InProcHandler(self._mounts, source=source, actor=actor,
+                               intercept_http=self.intercept_http, record=self.calls)
         return urllib.request.build_opener(bridge, *self._https_for(handlers), *handlers)
 
     def _https_for(self, handlers: Tuple[Any, ...]) -> List[Any]:
@@ -2883,6 +3494,258 @@ class OpenerFactory:
         if context is None:
             return []
         return [cls(context=context)]
+
+
+# ---------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# Test doubles: the call journal and faults
+# ---------------------------------------------------------------------------
+#
+# Both live on the exchange, so they behave the same for every app kind: the
+# journal's Call is filled in by the exchange's transitions (head out, body
+# bytes, the outcome), and a Fault acts where every body byte passes
+# (_Exchange.account) and before the head goes (a delay).  Threads that may
+# wait (workers, the caller's own) wait in place; the ASGI adapter awaits.
+
+#: Calls a journal keeps with ``record=True``.
+RECORD_LIMIT = 1000
+
+#: Bytes of each body a ``Call`` keeps.
+RECORD_BODY_LIMIT = 64 * 1024
+
+
+class Call:
+    """One exchange as the bridge saw it, filled in as it goes.
+
+    ``method``, ``url``, ``mount``, ``request_headers`` (``[(name, value)]``
+    as the app received them), ``request_body`` (the first 64 KiB the bridge
+    took from the caller's body), ``status``, ``reason`` and
+    ``response_headers`` (``None`` until the head is out), ``response_body``
+    (the first 64 KiB the app sent the caller), ``outcome`` (``"open"``,
+    then one of ``"complete"``, ``"app-error"``, ``"caller-closed"``,
+    ``"timeout"``, ``"refused"``, ``"cut"``), ``source``, ``actor``,
+    ``started`` (``time.time()``) and ``seconds`` (from open to the outcome,
+    ``None`` while open).
+    """
+
+    __slots__ = ("method", "url", "mount", "request_headers", "status", "reason",
+                 "response_headers", "outcome", "source", "actor", "started", "seconds",
+                 "_request", "_response_bytes", "_clock", "_parser", "_sent", "_length")
+
+    def __init__(self, url: str, mount: str, request: _Request, source: Optional[Source],
+                 actor: Any) -> None:
+        self.method = request.method
+        self.url = url
+        self.mount = mount
+        self.request_headers = list(request.headers)
+        self.status: Optional[int] = None
+        self.reason: Optional[str] = None
+        self.response_headers: Optional[List[Tuple[str, str]]] = None
+        self.outcome = "open"
+        self.source = source
+        self.actor = actor
+        self.started = time.time()
+        self.seconds: Optional[float] = None
+        self._clock = time.monotonic()
+        body = request.body
+        self._request = bytearray(body[:RECORD_BODY_LIMIT] if type(body) is bytes else b"")
+        self._response_bytes = bytearray()
+        self._parser: Optional[_RawParser] = None  # a handler class's request, followed
+        self._sent = 0  # body bytes the caller was sent
+        self._length: Optional[int] = None  # what the head declared
+
+    @property
+    def request_body(self) -> bytes:
+        """The first 64 KiB of the request body."""
+        return bytes(self._request)
+
+    @property
+    def response_body(self) -> bytes:
+        """The first 64 KiB of the response body."""
+        return bytes(self._response_bytes)
+
+    def __repr__(self) -> str:
+        return "<Call %s %s -> %s %s>" % (self.method, self.url, self.status, self.outcome)
+
+    # -- filled in by the exchange --------------------------------------------
+
+    def _took(self, data: bytes) -> None:
+        room = RECORD_BODY_LIMIT - len(self._request)
+        if room > 0 and data:
+            self._request += data[:room]
+
+    def _took_raw(self, data: bytes) -> None:
+        # What http.client sends a handler class: the request head, then the
+        # body, chunked or not.
+        if self._parser is None:
+            self._parser = _RawParser(None)
+        for start, end in self._parser.feed(data):
+            self._took(data[start:end])
+
+    def _head(self, head: _Head) -> None:
+        self.status, self.reason, headers = head
+        self.response_headers = list(headers)
+        if self.method == "HEAD" or self.status in (204, 304) or self.status < 200:
+            self._length = 0
+        for name, value in headers:
+            if name.lower() == "content-length" and value.strip().isdigit():
+                self._length = int(value)
+
+    @property
+    def _whole(self) -> bool:
+        # The caller has had all the head declared (a caller that read a
+        # Content-Length body to its end never asks the app for more).
+        return self._length is not None and self._sent >= self._length
+
+    def _response(self, data: bytes) -> None:
+        self._sent += len(data)
+        room = RECORD_BODY_LIMIT - len(self._response_bytes)
+        if room > 0:
+            self._response_bytes += data[:room]
+
+    def _end(self, outcome: str, force: bool = False) -> None:
+        with _LOCK:
+            if self.outcome != "open" and not force:
+                return
+            self.outcome = outcome
+        self.seconds = time.monotonic() - self._clock
+
+
+class Calls:
+    """A bridge's call journal: the last ``limit`` ``Call`` records, oldest
+    first.  ``len()``, indexing, iteration (over a snapshot), ``last``
+    (``None`` when empty) and ``clear()``; safe to use from any thread."""
+
+    def __init__(self, limit: int = RECORD_LIMIT) -> None:
+        if type(limit) is not int or limit < 1:
+            raise ValueError("a call journal keeps at least one call, not %r" % (limit,))
+        self.limit = limit
+        self._calls: collections.deque[Call] = collections.deque(maxlen=limit)
+        self._lock = threading.Lock()
+        _journals.add(self)
+
+    def _add(self, call: Call) -> None:
+        with self._lock:
+            self._calls.append(call)
+
+    def after_fork(self) -> None:
+        """In a forked child: a thread that held the lock is not here."""
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __getitem__(self, index: int) -> Call:
+        with self._lock:
+            return self._calls[index]
+
+    def __iter__(self) -> Iterator[Call]:
+        with self._lock:
+            return iter(list(self._calls))
+
+    @property
+    def last(self) -> Optional[Call]:
+        """The newest call, or ``None``."""
+        with self._lock:
+            return self._calls[-1] if self._calls else None
+
+    def clear(self) -> None:
+        """Forget every call."""
+        with self._lock:
+            self._calls.clear()
+
+    def __repr__(self) -> str:
+        return "<Calls: %d of at most %d>" % (len(self), self.limit)
+
+
+def _journal(record: Any) -> Optional[Calls]:
+    """``record=`` as given to a bridge or factory, as its journal."""
+    if isinstance(record, Calls):
+        return record
+    if record is None or record is False:
+        return None
+    if record is True:
+        return Calls()
+    if type(record) is not int:
+        raise TypeError("record must be True, False or a number of calls, not %r" % (record,))
+    if record < 1:
+        raise ValueError("record must keep at least one call, not %r" % (record,))
+    return Calls(record)
+
+
+class Fault:
+    """A fault to inject into the exchanges of one mount, whatever the app
+    kind: ``mount(name, app, fault=Fault(...))``.
+
+    ``status``: answer with this status and an empty body, without calling
+    the app.  ``delay``: the head reaches the caller this many seconds
+    late; ``chunk_delay``: each body chunk does.  After ``cut_after`` body
+    bytes the body ends as if the connection dropped (the caller's read
+    raises ``http.client.IncompleteRead``); after ``reset_after`` the
+    caller's read raises ``ConnectionResetError``; after ``stall_after``
+    nothing more arrives (the caller's timeout raises ``socket.timeout``).
+    The app's next write then fails as for a caller that left.  ``times``:
+    only the first K requests to the mount get the fault.
+    """
+
+    __slots__ = ("status", "delay", "chunk_delay", "cut_after", "reset_after", "stall_after",
+                 "times")
+
+    def __init__(self, *, status: Optional[int] = None, delay: float = 0.0,
+                 chunk_delay: float = 0.0, cut_after: Optional[int] = None,
+                 reset_after: Optional[int] = None, stall_after: Optional[int] = None,
+                 times: Optional[int] = None) -> None:
+        if status is not None and (type(status) is not int or not 100 <= status <= 999):
+            raise ValueError("Fault(status=...) wants an HTTP status from 100 to 999, not %r"
+                             % (status,))
+        for name, value in (("delay", delay), ("chunk_delay", chunk_delay)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    0 <= value < float("inf")):
+                raise ValueError("Fault(%s=...) wants seconds >= 0, not %r" % (name, value))
+        for name, count in (("cut_after", cut_after), ("reset_after", reset_after),
+                            ("stall_after", stall_after), ("times", times)):
+            least = 1 if name == "times" else 0
+            if count is not None and (type(count) is not int or count < least):
+                raise ValueError("Fault(%s=...) wants an int >= %d, not %r" % (name, least, count))
+        self.status = status
+        self.delay = float(delay)
+        self.chunk_delay = float(chunk_delay)
+        self.cut_after = cut_after
+        self.reset_after = reset_after
+        self.stall_after = stall_after
+        self.times = times
+
+    def __repr__(self) -> str:
+        given = ["%s=%r" % (name, getattr(self, name)) for name in self.__slots__
+                 if getattr(self, name) not in (None, 0.0)]
+        return "Fault(%s)" % ", ".join(given)
+
+
+class _FaultRun:
+    """One exchange's share of a ``Fault``: the body bytes sent so far."""
+
+    __slots__ = ("fault", "sent", "_limits")
+
+    def __init__(self, fault: Fault) -> None:
+        self.fault = fault
+        self.sent = 0
+        self._limits = sorted((limit, action) for limit, action in (
+            (fault.cut_after, "cut"), (fault.reset_after, "reset"), (fault.stall_after, "stall"))
+            if limit is not None)
+
+    def step(self, size: int) -> Tuple[int, Optional[str]]:
+        """Of ``size`` body bytes about to go: how many may, and what then
+        happens.  A limit acts when a byte past it is sent: a body of exactly
+        N bytes is whole."""
+        sent = self.sent
+        for limit, action in self._limits:
+            if sent + size > limit:
+                keep = max(limit - sent, 0)
+                self.sent = sent + keep
+                return keep, action
+        self.sent = sent + size
+        return size, None
+
 
 
 # ---------------------------------------------------------------------------
