@@ -30,6 +30,8 @@ import contextvars
 import email.utils
 import errno
 import functools
+import hashlib
+import hmac
 import http.client
 import http.server
 import io
@@ -57,6 +59,7 @@ from typing import (
     List,
     Mapping,
     Optional,
+    Set,
     Tuple,
     Union,
     cast,
@@ -81,6 +84,8 @@ __all__ = [
     "BodyPipe",
     # marks an ASGI app that detection would take for WSGI
     "ASGIApp",
+    # the far side of a remote mount
+    "trusted",
     # test doubles: the call journal and faults
     "Call",
     "Calls",
@@ -399,6 +404,8 @@ class _Chunks:
                 self.ended = True
                 self.error = error
                 self._items.put(b"")
+            elif broken and error is not None and not self.reader_gone:
+                self.error = error  # cut after a clean end: the reader still raises
             if broken:
                 self.broken = True
                 self._open_gate()
@@ -813,6 +820,8 @@ class _Exchange:
     on_loop = False  # ASGI: the adapter waits out a Fault's delays itself
     head_at = 0.0  # when the app produced its head (time.monotonic())
     declared: Optional[str] = None  # the head's Content-Length, as sent
+    remote = False  # a remote mount's: its redirects are not followed
+    table: Optional[_Mounts] = None  # whose drain waits for it
     _event: Optional[threading.Event] = None
 
     def __init__(self, name: str, source: Optional[Source], actor: Any, method: str) -> None:
@@ -1043,6 +1052,27 @@ class _Exchange:
 
     # -- the caller's and the server's side ------------------------------------
 
+    def relay(self, exc: BaseException) -> None:
+        """A remote mount's far end failed mid-body: the caller gets that
+        error itself (a timeout stays a timeout)."""
+        if self._to(_FAILED):
+            if self.call is not None:
+                self.call._end("app-error")
+            if self.pipe is not None:
+                self.pipe.close_writer(exc)
+
+    def cancel(self, error: BaseException) -> bool:
+        """Drain's deadline came: the caller's reads raise ``error`` -- also
+        when the app has finished and the caller is still reading."""
+        if self.abort(error):
+            return True
+        pipe = self.pipe
+        if self.state == _DONE and pipe is not None and not pipe.reader_closed:
+            pipe.abort(error)
+            self.leave()
+            return True
+        return False
+
     def leave(self) -> None:
         """The caller closed, dropped or timed out on the response."""
         if self._to(_LEFT) and self.call is not None:
@@ -1056,6 +1086,8 @@ class _Exchange:
             event.set()
         if self.on_leave is not None:
             self.on_leave()
+        if self.table is not None:
+            self.table.forget(self)
 
     def abort(self, error: BaseException, outcome: str = "cut", short: bool = False) -> bool:
         """Drop the exchange as a server drops a connection: the caller gets
@@ -2011,10 +2043,10 @@ class _PulledBody(_ChunkReader):
         return None
 
     def close(self) -> None:
-        if not self.closed:
+        if not self.closed and self._generation == _fork_generation:
             call = self._call
-            if not call.closed and self._generation == _fork_generation:
-                call.exchange.leave()
+            call.exchange.leave()
+            if not call.closed:
                 self._ctx.run(call.close)
         super().close()
 
@@ -2049,6 +2081,7 @@ def _serve_wsgi(bridge: InProcHandler, table: _Mounts, request: _Request, entry:
                 exchange.forward(first)  # for the journal
             exchange.finish()
             ctx.run(call.close)
+            table.forget(exchange)  # all in memory: nothing left in flight
             file: io.BufferedIOBase = _Body(first)
         else:
             file = io.BufferedReader(_PulledBody(call, ctx, first))
@@ -2794,6 +2827,115 @@ def _serve_asgi(bridge: InProcHandler, table: _Mounts, request: _Request, entry:
     return _build_response(head, io.BufferedReader(pipe), request.req, exchange)
 
 # ---------------------------------------------------------------------------
+# App adapters: a remote mount (the app moved behind a real server)
+# ---------------------------------------------------------------------------
+#
+# A URL mounted in place of an app: the caller's thread sends the request
+# with the opener's own HTTP handlers (TLS, proxies, timeouts as for any
+# URL), takes the head, and a worker pumps the body into the exchange's pipe
+# -- so the caller, the journal, faults and drain see a remote exchange as
+# any other.  With a key, the source and actor travel as signed Inproc-*
+# headers that trusted() checks on the far side.
+
+#: The headers a remote mount signs with; a caller's own copies never leave.
+_SIGNED_HEADERS = ("Inproc-Source", "Inproc-Actor", "Inproc-Time", "Inproc-Signature")
+_DENIED = b"This request is not signed by an inproc_bridge remote mount with this service's key."
+
+
+class _Remote:
+    """A URL mounted in place of an app, and the key its requests are
+    signed with."""
+
+    __slots__ = ("url", "origin", "base", "key")
+
+    def __init__(self, url: str, key: Optional[bytes]) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("a remote mount wants an http:// or https:// URL, not %r (scheme %r)"
+                             % (url, parts.scheme))
+        if parts.query or parts.fragment:
+            raise ValueError("a remote mount's URL is a base: no query or fragment, not %r"
+                             % (url,))
+        self.url = url
+        self.origin = "%s://%s" % (parts.scheme, parts.netloc)
+        self.base = parts.path.rstrip("/")
+        self.key = key
+
+    def __repr__(self) -> str:
+        return "<remote mount %s%s>" % (self.url, " (signed)" if self.key else "")
+
+
+def _canonical_target(path: str, query: str) -> str:
+    # What is signed of the request target: the path with its escapes
+    # decoded as PEP 3333 decodes them (so a server that unquotes PATH_INFO
+    # checks the same text), then the query as sent.
+    path = urllib.parse.unquote(path, "iso-8859-1")
+    return path + "?" + query if query else path
+
+
+def _signature(key: bytes, stamp: str, method: str, target: str, source: Optional[str],
+               actor: Optional[str]) -> str:
+    """HMAC-SHA256 of one request as both sides see it; a tag that is not
+    there is signed as absent, so one added on the way does not verify."""
+    fields = ["inproc-bridge/1", stamp, method, target,
+              "-" if source is None else "+" + source, "-" if actor is None else "+" + actor]
+    return hmac.new(key, "\n".join(fields).encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def _serve_remote(bridge: InProcHandler, table: _Mounts, request: _Request, entry: _Entry,
+                  exchange: _Exchange, ctx: contextvars.Context) -> _Response:
+    remote: _Remote = entry.app
+    req = request.req
+    path, _, query = request.target.partition("?")
+    target = remote.base + request.target
+    out = urllib.request.Request(remote.origin + target, data=req.data, method=request.method)
+    for name, value in request.headers:
+        lower = name.lower()
+        if lower not in ("host", "connection") and not lower.startswith("inproc-"):
+            out.add_unredirected_header(name, value)
+    if remote.key is not None:
+        source = exchange.source
+        actor = None if exchange.actor is None else str(exchange.actor)
+        stamp = str(int(time.time()))
+        signature = _signature(remote.key, stamp, request.method,
+                               _canonical_target(remote.base + path, query), source, actor)
+        for field, tag in zip(_SIGNED_HEADERS, (source, actor, stamp, signature)):
+            if tag is not None:
+                out.add_unredirected_header(field, tag)
+    out.timeout = req.timeout
+    resp = bridge.network(out)
+    exchange.remote = True  # its redirects are the caller's to see, not to follow
+    exchange.pipe = BodyPipe(read_timeout=request.timeout, on_close=exchange.leave)
+    head = (resp.status, resp.reason, list(resp.getheaders()))
+    start = time.monotonic()
+    try:
+        exchange.respond(*head)
+        if exchange.fault is not None:
+            exchange.hold_head(None if request.timeout is None else start + request.timeout)
+    except BaseException:
+        resp.close()
+        exchange.pipe.close()
+        raise
+
+    def pump() -> None:
+        try:
+            while request.method != "HEAD":
+                data = resp.read1(_RECEIVE_LIMIT)
+                if not data:
+                    break
+                exchange.forward(data)
+        except BaseException as exc:  # noqa: BLE001 - the far end's failure is the caller's
+            exchange.relay(exc)
+        else:
+            exchange.finish()
+        finally:
+            resp.close()
+
+    _workers.submit(lambda: ctx.run(pump))
+    return _build_response(head, io.BufferedReader(exchange.pipe), req, exchange)
+
+
+# ---------------------------------------------------------------------------
 # What the caller gets: the response object
 # ---------------------------------------------------------------------------
 
@@ -3059,6 +3201,7 @@ _SERVE: Dict[str, Callable[..., _Response]] = {
     "handler": _serve_handler,
     "wsgi": _serve_wsgi,
     "asgi": _serve_asgi,
+    "remote": _serve_remote,
 }
 
 
@@ -3096,6 +3239,8 @@ def _app_kind(app: Any) -> str:
         target = target.func
     if isinstance(target, type) and issubclass(target, socketserver.BaseRequestHandler):
         return "handler"
+    if isinstance(app, (str, _Remote)):
+        return "remote"
     if _is_asgi(app):  # before WSGI: both are callables
         return "asgi"
     if callable(app):
@@ -3133,7 +3278,33 @@ class _Mounts:
         self._lock = threading.Lock()
         self.table: Dict[Tuple[str, Optional[int]], _Entry] = {}
         self._asgi: Optional[_ASGILoop] = None  # made on the first ASGI mount
+        self.live: Set[_Exchange] = set()  # exchanges in flight, for drain()
+        self.draining = False  # drain() began: every new request gets 503
+        self._idle: Optional[threading.Event] = None  # set once nothing is live, while draining
         _tables.add(self)
+
+    def forget(self, exchange: _Exchange) -> None:
+        """``exchange`` is no longer in flight."""
+        self.live.discard(exchange)
+        idle = self._idle
+        if idle is not None and not self.live:
+            idle.set()
+
+    def drain(self, timeout: float) -> int:
+        """See ``InProcHandler.drain``."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+            raise ValueError("drain() wants a timeout in seconds >= 0, not %r" % (timeout,))
+        with self._lock:
+            self.draining = True
+            if self._idle is None:
+                self._idle = threading.Event()
+        if self.live:
+            self._idle.wait(timeout)
+        error = ConnectionAbortedError(errno.ECONNABORTED, "the in-process bridge was drained: "
+                                       "this exchange did not end in time")
+        cancelled = sum(1 for exchange in list(self.live) if exchange.cancel(error))
+        self.close()
+        return cancelled
 
     def runner(self) -> _ASGILoop:
         """The loop this table's ASGI apps run on; ``close()`` (or the
@@ -3152,9 +3323,16 @@ class _Mounts:
         time left the lock held; the table itself was swapped whole."""
         self._lock = threading.Lock()
 
-    def add(self, name: str, app: Any, server: Any = None, fault: Optional[Fault] = None) -> None:
+    def add(self, name: str, app: Any, server: Any = None, fault: Optional[Fault] = None,
+            secret: Optional[bytes] = None) -> None:
         if fault is not None and not isinstance(fault, Fault):
             raise TypeError("fault must be an inproc_bridge.Fault, not %r" % (fault,))
+        if secret is not None and not isinstance(secret, bytes):
+            raise TypeError("a remote mount's key must be bytes, not %s" % type(secret).__name__)
+        if isinstance(app, str):
+            app = _Remote(app, secret)
+        elif secret is not None:
+            raise TypeError("key= signs a remote mount: mount a URL with it, not %r" % (app,))
         if not isinstance(name, str):
             raise TypeError("mount name must be a str, not %s" % type(name).__name__)
         try:
@@ -3268,12 +3446,14 @@ class InProcHandler(urllib.request.BaseHandler):
         self._debuglevel = 0
 
     def mount(self, name: str, app: Any, *, server: Any = None,
-              fault: Optional[Fault] = None) -> None:
+              fault: Optional[Fault] = None, key: Optional[bytes] = None) -> None:
         """Serve ``app`` as ``name``, replacing any app mounted there
         atomically: requests in flight finish on the app they started with.
         A handler class sees ``server`` as ``self.server``; ``fault`` is a
-        ``Fault`` its requests get (remounting without it clears it)."""
-        self._mounts.add(name, app, server, fault)
+        ``Fault`` its requests get (remounting without it clears it).  An
+        ``http(s)://`` URL as ``app`` is a remote mount: requests go there,
+        signed with ``key`` (bytes) when one is given."""
+        self._mounts.add(name, app, server, fault, key)
 
     def unmount(self, name: str) -> None:
         """Stop serving ``name``; ``KeyError`` if nothing is mounted there."""
@@ -3289,6 +3469,32 @@ class InProcHandler(urllib.request.BaseHandler):
         opener it does nothing: the factory's ``close()`` owns the loop."""
         if self._owns_mounts:
             self._mounts.close()
+
+    def drain(self, timeout: float) -> int:
+        """Shut down gracefully: from now on every new request gets ``503``
+        without reaching its app; exchanges in flight get up to ``timeout``
+        seconds to end (read to the end or closed by their caller); the rest
+        are cancelled -- their callers' reads raise, their apps see their
+        caller leave -- and their number is returned.  Then ``close()``.
+        On an ``OpenerFactory`` opener's handler it drains the factory."""
+        return self._mounts.drain(timeout)
+
+    def __enter__(self) -> InProcHandler:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def network(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        """Open ``req`` with the opener's own handlers for its scheme (a
+        proxy, TLS), without this bridge and without the opener's
+        processors: what a remote mount sends its requests with."""
+        for handler in self.parent.handle_open.get(req.type, ()):  # type: ignore[attr-defined]
+            if handler is not self:
+                resp = getattr(handler, req.type + "_open")(req)
+                if resp is not None:
+                    return resp  # type: ignore[no-any-return]
+        raise BridgeError("this opener has no handler for %s:// URLs" % (req.type,))
 
     # -- urllib entry points -----------------------------------------------
 
@@ -3346,6 +3552,10 @@ class InProcHandler(urllib.request.BaseHandler):
             urllib.parse.quote(urllib.parse.urlunparse(parts), encoding="iso-8859-1",
                                safe=string.punctuation),
         )
+        if isinstance(fp, _Response) and fp._exchange is not None and fp._exchange.remote:
+            # A remote mount's answer came over the network: the caller sees
+            # it as it came, never followed (and never into the bridge).
+            raise urllib.error.HTTPError(req.full_url, code, msg, headers, fp)
         if not isinstance(fp, _Response):
             if self._serves(target):
                 raise urllib.error.HTTPError(
@@ -3411,6 +3621,9 @@ class InProcHandler(urllib.request.BaseHandler):
             journal._add(call)
             if isinstance(request.body, _RequestBody):
                 request.body.call = call
+        table = self._mounts
+        if table.draining:
+            return _answer(request, exchange, 503)
         if entry.fault is not None:
             fault = entry.take_fault()
             if fault is not None and fault.status is not None:
@@ -3419,7 +3632,13 @@ class InProcHandler(urllib.request.BaseHandler):
         # The app runs in a copy of the caller's context, on whichever thread.
         ctx = contextvars.copy_context()
         ctx.run(_exchange.set, exchange)
-        return entry.serve(self, self._mounts, request, entry, exchange, ctx)
+        exchange.table = table
+        table.live.add(exchange)
+        try:
+            return entry.serve(self, table, request, entry, exchange, ctx)
+        except BaseException:
+            exchange.leave()  # no response for the caller to close: not in flight
+            raise
 
 
 # ---------------------------------------------------------------------------
@@ -3449,9 +3668,10 @@ class OpenerFactory:
         self._tls: Any = None  # urllib's default HTTPSHandler, made on first use
 
     def mount(self, name: str, app: Any, *, server: Any = None,
-              fault: Optional[Fault] = None) -> None:
-        """Serve ``app`` as ``name`` on every opener of this factory."""
-        self._mounts.add(name, app, server, fault)
+              fault: Optional[Fault] = None, key: Optional[bytes] = None) -> None:
+        """Serve ``app`` as ``name`` on every opener of this factory (see
+        ``InProcHandler.mount``)."""
+        self._mounts.add(name, app, server, fault, key)
 
     def unmount(self, name: str) -> None:
         """Stop serving ``name``; ``KeyError`` if nothing is mounted there."""
@@ -3461,6 +3681,16 @@ class OpenerFactory:
         """Stop what the factory runs for ASGI apps, for all its openers: see
         ``InProcHandler.close``."""
         self._mounts.close()
+
+    def drain(self, timeout: float) -> int:
+        """Drain every opener of this factory: see ``InProcHandler.drain``."""
+        return self._mounts.drain(timeout)
+
+    def __enter__(self) -> OpenerFactory:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     def opener_for(self, *handlers: Any, actor: Any = None,
                    source: Optional[str] = None) -> urllib.request.OpenerDirector:
@@ -3746,6 +3976,130 @@ class _FaultRun:
         self.sent = sent + size
         return size, None
 
+
+
+# ---------------------------------------------------------------------------
+# The far side of a remote mount: trusted()
+# ---------------------------------------------------------------------------
+
+
+def trusted(app: Any, key: bytes, max_age: float = 300) -> Any:
+    """Wrap a WSGI or ASGI ``app`` for the server it moved to behind a
+    remote mount (``mount(name, url, key=key)``): a request whose
+    ``Inproc-*`` signature is missing, wrong or older than ``max_age``
+    seconds gets ``401`` without reaching the app; a good one reaches it
+    with ``current_source()``, ``current_actor()``, ``environ["inproc.*"]``
+    and the ASGI scope's ``inproc`` extension set as in-process, and without
+    the ``Inproc-*`` headers.  Served in-process, it is the app itself."""
+    if not isinstance(key, bytes):
+        raise TypeError("trusted() wants the key as bytes, not %s" % type(key).__name__)
+    if isinstance(max_age, bool) or not isinstance(max_age, (int, float)) or not max_age > 0:
+        raise ValueError("trusted(max_age=...) wants seconds > 0, not %r" % (max_age,))
+    if not callable(app):
+        raise TypeError("trusted() wants a WSGI or ASGI app, not %r" % (app,))
+    return (_TrustedASGI if _is_asgi(app) else _TrustedWSGI)(app, key, max_age)
+
+
+def _tags(key: bytes, max_age: float, method: str, target: str,
+          header: Callable[[str], Optional[str]]) -> Optional[Tuple[Optional[Source], Any]]:
+    """The (source, actor) a request was signed with, or None if it was not
+    (or too long ago).  The signature is compared in constant time."""
+    stamp, signature = header("inproc-time"), header("inproc-signature")
+    if stamp is None or signature is None:
+        return None
+    source, actor = header("inproc-source"), header("inproc-actor")
+    expected = _signature(key, stamp, method, target, source, actor)
+    good = hmac.compare_digest(expected.encode("ascii"), signature.encode("latin-1", "replace"))
+    try:
+        age = time.time() - int(stamp)
+    except ValueError:
+        return None
+    if not good or not -max_age <= age <= max_age:
+        return None
+    return (None if source is None else Source(source)), actor
+
+
+class _InContext:
+    """A WSGI result whose items are made in the request's context, where
+    ``current_source()`` is the signed one."""
+
+    def __init__(self, result: Iterable[bytes], ctx: contextvars.Context) -> None:
+        self._iterator = iter(result)
+        self._result = result
+        self._ctx = ctx
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        return self._ctx.run(next, self._iterator)
+
+    def close(self) -> None:
+        close = getattr(self._result, "close", None)
+        if close is not None:
+            self._ctx.run(close)
+
+
+class _TrustedWSGI:
+    """``trusted()`` of a WSGI app."""
+
+    def __init__(self, app: Callable[..., Any], key: bytes, max_age: float) -> None:
+        self.app, self.key, self.max_age = app, key, max_age
+
+    def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if "inproc.source" in environ:  # served in-process: the bridge's tags stand
+            return self.app(environ, start_response)
+        method = environ["REQUEST_METHOD"]
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")  # unquoted
+        query = environ.get("QUERY_STRING", "")
+        tags = _tags(self.key, self.max_age, method, path + "?" + query if query else path,
+                     lambda name: environ.get("HTTP_" + name.upper().replace("-", "_")))
+        if tags is None:
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                                 ("Content-Length", str(len(_DENIED)))])
+            return [_DENIED]
+        inner = {k: v for k, v in environ.items() if not k.startswith("HTTP_INPROC_")}
+        inner["inproc.source"], inner["inproc.actor"] = tags
+        ctx = contextvars.copy_context()
+        ctx.run(_exchange.set, _Exchange("trusted", tags[0], tags[1], method))
+        result = ctx.run(self.app, inner, start_response)
+        return result if isinstance(result, (list, tuple)) else _InContext(result, ctx)
+
+
+class _TrustedASGI:
+    """``trusted()`` of an ASGI app."""
+
+    def __init__(self, app: Callable[..., Any], key: bytes, max_age: float) -> None:
+        self.app, self.key, self.max_age = app, key, max_age
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable[..., Any],
+                       send: Callable[..., Any]) -> None:
+        if scope.get("type") != "http" or "inproc" in (scope.get("extensions") or {}):
+            await self.app(scope, receive, send)  # lifespan; or served in-process
+            return
+        fields: Dict[str, str] = {}
+        for name, value in scope.get("headers", ()):
+            fields.setdefault(bytes(name).decode("latin-1").lower(), bytes(value).decode("latin-1"))
+        raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+        target = _canonical_target(bytes(raw).decode("latin-1"),
+                                   bytes(scope.get("query_string", b"")).decode("latin-1"))
+        tags = _tags(self.key, self.max_age, scope["method"], target, fields.get)
+        if tags is None:
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"text/plain"),
+                                    (b"content-length", str(len(_DENIED)).encode())]})
+            await send({"type": "http.response.body", "body": _DENIED})
+            return
+        inner = dict(scope)
+        inner["headers"] = [(name, value) for name, value in scope.get("headers", ())
+                            if not bytes(name).lower().startswith(b"inproc-")]
+        inner["extensions"] = dict(scope.get("extensions") or {})
+        inner["extensions"]["inproc"] = {"source": tags[0], "actor": tags[1]}
+        token = _exchange.set(_Exchange("trusted", tags[0], tags[1], scope["method"]))
+        try:
+            await self.app(inner, receive, send)
+        finally:
+            _exchange.reset(token)
 
 
 # ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import errno
 import functools
 import gc
 import hashlib
+import hmac
 import http.client
 import http.cookiejar
 import http.server
@@ -24,6 +25,7 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import select
 import signal
 import socket
@@ -40,6 +42,7 @@ import urllib.request
 import warnings
 import wsgiref.handlers
 import wsgiref.simple_server
+import wsgiref.util
 import wsgiref.validate
 import xmlrpc.client
 import xmlrpc.server
@@ -5970,7 +5973,7 @@ def _settled(call):
     return call.outcome
 
 
-def _answer(opener, url, timeout=None):
+def _body_or_code(opener, url, timeout=None):
     """What a GET of ``url`` gave: the body, or the HTTPError's code."""
     try:
         with opener.open(url, timeout=timeout) as resp:
@@ -6230,7 +6233,7 @@ def test_record_factory_collects_every_openers_calls(app_kind):
         agents = factory.opener_for(actor="user-7", source=ib.SOURCE_AGENTS)
         other, plain = factory.opener_for(actor="user-8"), factory.opener_for()
         for n, opener in enumerate((agents, other, plain, agents)):
-            assert _answer(opener, "inproc://api/%d" % n, KIND_TIMEOUT[app_kind]) == b"ok"
+            assert _body_or_code(opener, "inproc://api/%d" % n, KIND_TIMEOUT[app_kind]) == b"ok"
         calls = list(factory.calls)
         assert [_settled(call) for call in calls] == ["complete"] * 4
     finally:
@@ -6244,7 +6247,7 @@ def test_record_factory_collects_every_openers_calls(app_kind):
 def test_record_intercepted_host(app_kind):
     with _served(app_kind, _body_logic(b"ok"), name="api.internal", intercept_http=True,
                  record=True) as (opener, bridge, timeout):
-        assert _answer(opener, "http://api.internal/v1?x=1", timeout) == b"ok"
+        assert _body_or_code(opener, "http://api.internal/v1?x=1", timeout) == b"ok"
         call = bridge.calls.last
         assert _settled(call) == "complete"
     assert (call.url, call.mount) == ("http://api.internal/v1?x=1", "api.internal")
@@ -6253,7 +6256,7 @@ def test_record_intercepted_host(app_kind):
 def test_record_limit_drops_the_oldest(app_kind):
     with _served(app_kind, _body_logic(b"ok"), record=3) as (opener, bridge, timeout):
         for n in range(5):
-            assert _answer(opener, "inproc://api/%d" % n, timeout) == b"ok"
+            assert _body_or_code(opener, "inproc://api/%d" % n, timeout) == b"ok"
         calls = bridge.calls
         assert len(calls) == 3
         assert [call.url for call in calls] == ["inproc://api/%d" % n for n in (2, 3, 4)]
@@ -6278,11 +6281,11 @@ def test_record_clear_and_an_empty_record():
         calls = bridge.calls
         assert (len(calls), calls.last, list(calls)) == (0, None, [])
         for n in range(2):
-            assert _answer(opener, "inproc://api/%d" % n) == b"ok"
+            assert _body_or_code(opener, "inproc://api/%d" % n) == b"ok"
         assert [call.url for call in calls] == ["inproc://api/0", "inproc://api/1"]
         calls.clear()
         assert (len(calls), calls.last, list(calls)) == (0, None, [])
-        assert _answer(opener, "inproc://api/after") == b"ok"
+        assert _body_or_code(opener, "inproc://api/after") == b"ok"
         assert [call.url for call in calls] == ["inproc://api/after"]
 
 
@@ -6307,7 +6310,7 @@ def test_record_keeps_every_call_of_eight_threads(app_kind):
 
         def client(t):
             for n in range(50):
-                assert _answer(opener, "inproc://api/t%d/%d" % (t, n), timeout) == (
+                assert _body_or_code(opener, "inproc://api/t%d/%d" % (t, n), timeout) == (
                     b"/t%d/%d" % (t, n))
 
         def watch():
@@ -6386,12 +6389,12 @@ def test_fault_times_with_a_retry_loop(app_kind):
                  record=True) as (opener, bridge, timeout):
         answers = []
         for _ in range(5):
-            answers.append(_answer(opener, "inproc://api/retry", timeout))
+            answers.append(_body_or_code(opener, "inproc://api/retry", timeout))
             if answers[-1] != 503:
                 break
         assert answers == [503, 503, b"app"]
         assert len(seen) == 1
-        assert _answer(opener, "inproc://api/retry", timeout) == b"app"
+        assert _body_or_code(opener, "inproc://api/retry", timeout) == b"app"
         assert len(seen) == 2
         assert [_settled(call) for call in bridge.calls] == [
             "refused", "refused", "complete", "complete"]
@@ -6406,7 +6409,7 @@ def test_fault_times_on_a_stream_fault(app_kind):
             with pytest.raises(http.client.IncompleteRead):
                 resp.read()
         for _ in range(2):
-            assert _answer(opener, "inproc://api/", timeout) == body
+            assert _body_or_code(opener, "inproc://api/", timeout) == body
 
 
 def test_fault_times_counts_per_mount():
@@ -6417,11 +6420,11 @@ def test_fault_times_counts_per_mount():
         bridge.mount("a", app, fault=fault)
         bridge.mount("b", app, fault=fault)
         for name in ("a", "b"):
-            assert _answer(opener, "inproc://%s/" % name) == 503
-            assert _answer(opener, "inproc://%s/" % name) == b"app"
+            assert _body_or_code(opener, "inproc://%s/" % name) == 503
+            assert _body_or_code(opener, "inproc://%s/" % name) == b"app"
         bridge.mount("a", app, fault=fault)  # a new mount, a new count
-        assert _answer(opener, "inproc://a/") == 503
-        assert _answer(opener, "inproc://b/") == b"app"
+        assert _body_or_code(opener, "inproc://a/") == 503
+        assert _body_or_code(opener, "inproc://b/") == b"app"
 
 
 def test_fault_delay_shorter_than_the_timeout_holds_the_head(app_kind):
@@ -6557,7 +6560,7 @@ def test_fault_with_record_gives_the_outcome(app_kind, fault, outcome):
     with _served(app_kind, _body_logic(_lines(5)), fault=ib.Fault(**fault),
                  record=True) as (opener, bridge, timeout):
         if "status" in fault:
-            assert _answer(opener, "inproc://api/", timeout) == 503
+            assert _body_or_code(opener, "inproc://api/", timeout) == 503
         else:
             with opener.open("inproc://api/", timeout=timeout) as resp:
                 with pytest.raises(ALLOWED):
@@ -6576,13 +6579,13 @@ def test_fault_remount_without_fault_clears_it(app_kind):
     with Bridge({}) as (opener, bridge):
         for fault in ({}, {"fault": None}):
             bridge.mount("api", app, fault=ib.Fault(status=503))
-            assert _answer(opener, "inproc://api/", timeout) == 503
+            assert _body_or_code(opener, "inproc://api/", timeout) == 503
             bridge.mount("api", app, **fault)
-            assert _answer(opener, "inproc://api/", timeout) == b"app"
+            assert _body_or_code(opener, "inproc://api/", timeout) == b"app"
         bridge.mount("api", app, fault=ib.Fault(status=503))
         bridge.unmount("api")
         bridge.mount("api", app)
-        assert _answer(opener, "inproc://api/", timeout) == b"app"
+        assert _body_or_code(opener, "inproc://api/", timeout) == b"app"
 
 
 def test_fault_factory_mount_takes_fault(app_kind):
@@ -6593,15 +6596,15 @@ def test_fault_factory_mount_takes_fault(app_kind):
     try:
         factory.mount("api", app, fault=ib.Fault(status=503, times=1))
         first, second = factory.opener_for(actor="a"), factory.opener_for(actor="b")
-        assert _answer(first, "inproc://api/", timeout) == 503
-        assert _answer(second, "inproc://api/", timeout) == b"app"
-        assert _answer(first, "inproc://api/", timeout) == b"app"
+        assert _body_or_code(first, "inproc://api/", timeout) == 503
+        assert _body_or_code(second, "inproc://api/", timeout) == b"app"
+        assert _body_or_code(first, "inproc://api/", timeout) == b"app"
         assert [(call.actor, _settled(call)) for call in factory.calls] == [
             ("a", "refused"), ("b", "complete"), ("a", "complete")]
         factory.mount("api", app, fault=ib.Fault(status=503))
-        assert _answer(second, "inproc://api/", timeout) == 503
+        assert _body_or_code(second, "inproc://api/", timeout) == 503
         factory.mount("api", app)
-        assert _answer(second, "inproc://api/", timeout) == b"app"
+        assert _body_or_code(second, "inproc://api/", timeout) == b"app"
     finally:
         factory.close()
 
@@ -6609,8 +6612,8 @@ def test_fault_factory_mount_takes_fault(app_kind):
 def test_fault_applies_to_an_intercepted_host(app_kind):
     with _served(app_kind, _body_logic(b"app"), fault=ib.Fault(status=503, times=1),
                  name="api.internal", intercept_http=True) as (opener, _, timeout):
-        assert _answer(opener, "http://api.internal/v1", timeout) == 503
-        assert _answer(opener, "https://api.internal/v1", timeout) == b"app"
+        assert _body_or_code(opener, "http://api.internal/v1", timeout) == 503
+        assert _body_or_code(opener, "https://api.internal/v1", timeout) == b"app"
 
 
 @pytest.mark.parametrize("name, value", [
@@ -6635,13 +6638,13 @@ def test_fault_mount_refuses_what_is_not_a_fault(value):
         bridge.mount("api", app, fault=None)  # None is taken: no fault
         with pytest.raises(TypeError, match=r"\bfault\b"):
             bridge.mount("api", app, fault=value)
-        assert _answer(opener, "inproc://api/") == b"app"  # the old mount stays
+        assert _body_or_code(opener, "inproc://api/") == b"app"  # the old mount stays
     factory = ib.OpenerFactory({"api": app})
     try:
         factory.mount("api", app, fault=None)
         with pytest.raises(TypeError, match=r"\bfault\b"):
             factory.mount("api", app, fault=value)
-        assert _answer(factory.opener_for(), "inproc://api/") == b"app"
+        assert _body_or_code(factory.opener_for(), "inproc://api/") == b"app"
     finally:
         factory.close()
 
@@ -6657,7 +6660,1380 @@ def test_fault_left_nowhere_by_a_mount_that_fails():
         with pytest.raises(urllib.error.URLError, match="'api'"):
             opener.open("inproc://api/")
         bridge.mount("api", app)
-        assert _answer(opener, "inproc://api/") == b"app"
+        assert _body_or_code(opener, "inproc://api/") == b"app"
+
+
+# ---------------------------------------------------------------------------
+# Drain and context managers
+# ---------------------------------------------------------------------------
+# Where the SPEC is silent, these tests take what a user would expect:
+# Drain
+# - An exchange is "in flight" from the request reaching the bridge until its caller has
+#   read the body to the end or closed the response: a caller that has the head but has
+#   not finished reading counts, and is cancelled (and counted) if it is still reading at
+#   the deadline.  A request refused with 503 is never counted.
+# - drain(timeout) returns as soon as nothing is in flight (not at the deadline); its value
+#   is the number of exchanges it cancelled at the deadline.
+# - The refusal is "503 Service Unavailable" (HTTPError, reason as http.client.responses).
+# - After drain, mount() of a handler class, a WSGI app or a URL is still accepted, and
+#   requests to it get 503; an ASGI app may instead be refused with BridgeError, as after
+#   close().  A drained factory's opener_for() still hands out openers (their requests get
+#   503).  drain() again returns 0 at once.
+# - An ASGI app whose exchange is cancelled sees http.disconnect from receive() (before the
+#   loop's shutdown may cancel its task); a sync app sees cancelled() set.
+# - `with` returns the object itself, calls close() on the way out, normally or by an
+#   exception, and never swallows the exception.
+# Remote mounts
+# - The caller sees the URL it opened: geturl() (and HTTPError.filename) is the inproc://
+#   URL, not the remote one.  A caller timeout raises socket.timeout itself (as urllib does
+#   for a server that accepted the connection), not a URLError around it.
+# - The remote URL's path is a prefix: "http://host/base" + "/v1/chat?x=1" is
+#   "/base/v1/chat?x=1" on the wire (and "/" gives "/base/"); percent-escapes in the path
+#   travel as the caller wrote them and still verify.
+# - Bad input errors: a URL that is not http(s) -> ValueError naming its scheme; a key that
+#   is not bytes -> TypeError saying "bytes"; max_age <= 0 -> ValueError naming max_age.
+#   All at mount/wrap time, also for URLs given in an `apps` mapping.
+# trusted()
+# - The signed bytes are not tested: every attack alters what the server receives (a
+#   proxy-like WSGI middleware in front of trusted(), or a request replayed from a
+#   captured good one) and expects 401 with the app not called.
+# - Inproc-Time: no format is assumed beyond "has a decimal digit" (the tampering test
+#   changes its last digit: a shift of a few units of its last place, well inside
+#   max_age).  trusted() reads the wall clock with time.time() (or time.time_ns()) at
+#   request time, so a test can age a signature by moving that clock.
+# - A replay inside max_age is accepted (the SPEC asks for no nonce); outside it is 401.
+# - A source or actor of None sends no header and is signed as absent: adding the header
+#   on the way makes the request 401.  The remote app sees None, not "None" or "".
+# - Remotely the app sees current_source() as an ib.Source and current_actor() as
+#   str(actor); served in-process a trusted app sees the actor object itself.
+# - The 401 body is not pinned, except that it never carries the key.
+# - trusted() compares signatures with hmac.compare_digest, looked up in the hmac module
+#   at request time, for good and bad signatures alike (no early == on a mismatch).
+# - Served in-process, a trusted app is the app: the bridge's source/actor, no 401; caller-
+#   set Inproc-* headers do not change current_source()/current_actor() there either.
+#
+# Each drain test runs on the four paths.  "ping" routes answer at once; an "endless"
+# app sends FIRST and then never ends on its own.  A drain running in another thread is
+# known to have begun once a ping gets 503 (a bounded poll, no sleep).
+
+#: Seconds a drain gives an endless stream before it cancels it.
+DRAIN_DEADLINE = 0.5
+#: A deadline that in-flight exchanges are expected to beat by far.
+DRAIN_GENEROUS = WAIT / 2
+#: What an endless sync app writes after FIRST (big chunks: the pipe fills in a few).
+_TICK = b"t" * 65535 + b"\n"
+
+
+def _ok(calls):
+    """make_app() logic answering "ok" at once; the targets it served go to ``calls``."""
+
+    def logic(req):
+        calls.append(req.target)
+        return 200, [("Content-Type", "text/plain"), ("Content-Length", "2")], [b"ok"]
+
+    return logic
+
+
+def _endless_app(kind, seen):
+    """An app of ``kind`` that sends FIRST and does not end on its own within a test (a
+    sync one fills the pipe, then waits WAIT; an ASGI one waits WAIT for http.disconnect:
+    a drain that fails to cancel it fails the test, it does not hang it).  When it ends,
+    ``seen`` gets what it saw: cancelled().is_set() (sync kinds; the event is taken in the
+    request's context, its close may run elsewhere) or "http.disconnect" / "cancelled" /
+    "never told" (ASGI: what receive() said, the task was cancelled first, or neither)."""
+    if kind == "asgi":
+
+        async def endless(scope, receive, send):
+            if scope["type"] != "http":
+                raise ValueError("http only")
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": FIRST, "more_body": True})
+            try:
+                while (await asyncio.wait_for(receive(), WAIT))["type"] != "http.disconnect":
+                    pass
+                seen.append("http.disconnect")
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+            except asyncio.TimeoutError:
+                seen.append("never told")
+
+        return endless
+
+    def logic(req):
+        def chunks():
+            event = ib.cancelled()
+            try:
+                yield FIRST
+                for _ in range(64):  # 4 MiB: more than the pipe holds
+                    yield _TICK
+                event.wait(WAIT)
+            finally:
+                seen.append(event.is_set())
+
+        return 200, [("Content-Type", "text/plain")], chunks()
+
+    return make_app(kind, logic)
+
+
+def _left(kind):
+    """What _endless_app() records when its exchange is cancelled or its caller left."""
+    return "http.disconnect" if kind == "asgi" else True
+
+
+def _refusing(opener, url, timeout):
+    """True if ``url`` now gets 503 (a drain has begun); False if it is served."""
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            resp.read()
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return exc.code == 503
+    return False
+
+
+def _where(record):
+    """An ASGI app that records the thread it runs on (the bridge's loop thread)."""
+
+    async def where(scope, receive, send):
+        if scope["type"] != "http":
+            raise ValueError("http only")
+        record["thread"] = threading.current_thread()
+        await _receive_messages(receive)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"here"})
+
+    return where
+
+
+class _Leave(Exception):
+    """Raised inside a with block to leave it by an exception."""
+
+
+def test_drain_refuses_new_requests_with_503_and_the_app_is_not_called(app_kind):
+    calls = []
+    with Bridge({"app": make_app(app_kind, _ok(calls))}) as (opener, handler):
+        assert handler.drain(WAIT) == 0
+        with _http_error(503) as info:
+            opener.open("inproc://app/v1/chat?x=1", timeout=KIND_TIMEOUT[app_kind])
+        assert info.value.reason == "Service Unavailable"
+        with _http_error(503):
+            opener.open("inproc://app/", data=b"a body", timeout=KIND_TIMEOUT[app_kind])
+    assert calls == []
+
+
+def test_drain_with_nothing_in_flight_returns_at_once(app_kind):
+    calls = []
+    with Bridge({"app": make_app(app_kind, _ok(calls))}) as (opener, handler):
+        with opener.open("inproc://app/", timeout=KIND_TIMEOUT[app_kind]) as resp:
+            assert resp.read() == b"ok"  # read to the end: finished, not in flight
+        started = time.monotonic()
+        assert handler.drain(WAIT) == 0
+        assert time.monotonic() - started < WAIT / 2
+    assert calls == ["/"]
+
+
+def test_drain_lets_an_in_flight_stream_that_ends_in_time_complete_intact(app_kind):
+    """A drain begun mid-stream: the stream still ends within the deadline, the caller
+    reads every byte, and drain() returns 0 as soon as it is done, not at the deadline."""
+    timeout = KIND_TIMEOUT[app_kind]
+    release, waited = threading.Event(), []
+
+    def logic(req):
+        if req.target == "/ping":
+            return 200, [("Content-Type", "text/plain"), ("Content-Length", "2")], [b"ok"]
+
+        def chunks():
+            yield FIRST
+            waited.append(release.wait(WAIT))
+            yield b"second|"
+            yield b"third"
+
+        return 200, [("Content-Type", "text/plain")], chunks()
+
+    drained, over = [], threading.Event()
+    with Bridge({"app": make_app(app_kind, logic)}) as (opener, handler):
+        with opener.open("inproc://app/stream", timeout=timeout) as resp:
+            assert resp.read(len(FIRST)) == FIRST
+            read = {}
+
+            def drain():
+                try:
+                    started = time.monotonic()
+                    drained.append(handler.drain(DRAIN_GENEROUS))
+                    drained.append(time.monotonic() - started)
+                finally:
+                    over.set()
+
+            def finish():
+                assert _wait_for(lambda: over.is_set() or _refusing(
+                    opener, "inproc://app/ping", timeout)), "drain() never began refusing"
+                release.set()
+                read["rest"] = resp.read()
+
+            _run_threads([drain, finish], WAIT)
+        assert read["rest"] == b"second|third"
+    count, seconds = drained
+    assert count == 0
+    assert seconds < DRAIN_GENEROUS - 1.0, "drain() waited for its deadline"
+    assert waited == [True]
+
+
+def test_drain_cancels_endless_streams_at_the_deadline_and_counts_them(app_kind):
+    """Two endless streams and one finished exchange: at the deadline (not before) the
+    two are cancelled -- their readers raise, their apps see cancelled() set or
+    http.disconnect -- and drain() returns 2."""
+    timeout = KIND_TIMEOUT[app_kind]
+    seen, calls = [], []
+    apps = {"endless": _endless_app(app_kind, seen), "ping": make_app(app_kind, _ok(calls))}
+    with Bridge(apps) as (opener, handler):
+        with opener.open("inproc://ping/", timeout=timeout) as resp:
+            assert resp.read() == b"ok"
+        with contextlib.ExitStack() as stack:
+            streams = [stack.enter_context(opener.open("inproc://endless/", timeout=timeout))
+                       for _ in range(2)]
+            for resp in streams:
+                assert resp.read(len(FIRST)) == FIRST
+            started = time.monotonic()
+            assert handler.drain(DRAIN_DEADLINE) == 2
+            elapsed = time.monotonic() - started
+            for resp in streams:
+                with pytest.raises(ALLOWED):
+                    resp.read()
+        assert _wait_for(lambda: len(seen) >= 2), "the apps never learnt they were cancelled"
+    assert DRAIN_DEADLINE - 0.05 <= elapsed < DRAIN_DEADLINE + WAIT
+    assert seen == [_left(app_kind)] * 2
+
+
+def test_drain_returns_once_the_caller_closes_its_stream(app_kind):
+    """Closing the response ends an exchange as reading it to the end does: the drain
+    returns 0 well before its deadline; the app sees its caller leave."""
+    timeout = KIND_TIMEOUT[app_kind]
+    seen = []
+    apps = {"endless": _endless_app(app_kind, seen), "ping": make_app(app_kind, _ok([]))}
+    drained, over = [], threading.Event()
+    with Bridge(apps) as (opener, handler):
+        resp = opener.open("inproc://endless/", timeout=timeout)
+        try:
+            assert resp.read(len(FIRST)) == FIRST
+
+            def drain():
+                try:
+                    started = time.monotonic()
+                    drained.append(handler.drain(DRAIN_GENEROUS))
+                    drained.append(time.monotonic() - started)
+                finally:
+                    over.set()
+
+            def leave():
+                assert _wait_for(lambda: over.is_set() or _refusing(
+                    opener, "inproc://ping/", timeout)), "drain() never began refusing"
+                resp.close()
+
+            _run_threads([drain, leave], WAIT)
+        finally:
+            resp.close()
+        assert _wait_for(lambda: seen), "the app never learnt its caller left"
+    count, seconds = drained
+    assert count == 0
+    assert seconds < DRAIN_GENEROUS - 1.0, "drain() waited for its deadline"
+    assert seen == [_left(app_kind)]
+
+
+def test_drain_from_another_thread_while_8_threads_make_requests(app_kind):
+    """Eight clients loop on requests; once each has been served, another thread drains.
+    Every request is either served whole or refused with 503, every client ends on a 503,
+    nothing hangs, and nothing needed cancelling."""
+    timeout = KIND_TIMEOUT[app_kind]
+    calls = []
+    outcomes = {i: [] for i in range(8)}
+    served_once = threading.Semaphore(0)
+    drained, over = [], threading.Event()
+    with Bridge({"app": make_app(app_kind, _ok(calls))}) as (opener, handler):
+
+        def client(i):
+            while True:
+                after = over.is_set()  # the drain is over: this request must be refused
+                try:
+                    with opener.open("inproc://app/", timeout=timeout) as resp:
+                        body = resp.read()
+                except urllib.error.HTTPError as exc:
+                    exc.close()
+                    outcomes[i].append(exc.code)
+                    return
+                outcomes[i].append(body)
+                if len(outcomes[i]) == 1:
+                    served_once.release()
+                if after:
+                    return
+
+        def drain():
+            try:
+                for _ in range(8):
+                    assert served_once.acquire(timeout=WAIT), "a client was never served"
+                drained.append(handler.drain(DRAIN_GENEROUS))
+            finally:
+                over.set()
+
+        _run_threads([functools.partial(client, i) for i in range(8)] + [drain], WAIT)
+    assert drained == [0]
+    for i, seen in outcomes.items():
+        assert seen[-1] == 503, "client %d was not refused: %r" % (i, seen[-3:])
+        assert set(seen[:-1]) == {b"ok"}, "client %d: %r" % (i, seen)
+    assert len(calls) == sum(len(seen) - 1 for seen in outcomes.values())
+
+
+def test_drain_refuses_for_good_mounts_made_later_included(app_kind, remote):
+    timeout = KIND_TIMEOUT[app_kind]
+    calls, far_calls = [], []
+    remote.app = make_app(remote.kind, _ok(far_calls))
+    with Bridge({"app": make_app(app_kind, _ok(calls))}) as (opener, handler):
+        assert handler.drain(WAIT) == 0
+        names = ["app"]
+        for name in ("later", "app"):  # a new name, and a remount of the drained one
+            try:
+                handler.mount(name, make_app(app_kind, _ok(calls)))
+            except ib.BridgeError:
+                if app_kind != "asgi":  # an ASGI app may be refused, as after close()
+                    raise
+            else:
+                names.append(name)
+        handler.mount("far", remote.url)
+        names.append("far")
+        for _ in range(2):
+            for name in names:
+                with _http_error(503):
+                    opener.open("inproc://%s/" % name, timeout=timeout)
+            started = time.monotonic()
+            assert handler.drain(WAIT) == 0  # again: nothing in flight, at once
+            assert time.monotonic() - started < WAIT / 2
+    assert calls == []
+    assert far_calls == []
+
+
+def test_drain_on_a_factory_refuses_on_every_opener_and_cancels_what_is_in_flight(app_kind):
+    timeout = KIND_TIMEOUT[app_kind]
+    seen, calls = [], []
+    factory = ib.OpenerFactory({"endless": _endless_app(app_kind, seen),
+                                "ping": make_app(app_kind, _ok(calls))})
+    try:
+        one, two = factory.opener_for(source="one"), factory.opener_for(actor="two")
+        with one.open("inproc://ping/", timeout=timeout) as resp:
+            assert resp.read() == b"ok"
+        with two.open("inproc://endless/", timeout=timeout) as resp:
+            assert resp.read(len(FIRST)) == FIRST
+            assert factory.drain(DRAIN_DEADLINE) == 1
+            with pytest.raises(ALLOWED):
+                resp.read()
+        assert _wait_for(lambda: seen), "the app never learnt it was cancelled"
+        for opener in (one, two, factory.opener_for()):
+            with _http_error(503):
+                opener.open("inproc://ping/", timeout=timeout)
+        assert factory.drain(WAIT) == 0
+    finally:
+        factory.close()
+    assert calls == ["/"]
+    assert seen == [_left(app_kind)]
+
+
+def test_drain_cancels_an_endless_remote_stream_at_the_deadline(remote):
+    release = threading.Event()
+
+    def logic(req):
+        def chunks():
+            yield FIRST
+            release.wait(WAIT)
+            yield b"late"
+
+        return 200, [("Content-Type", "text/plain")], chunks()
+
+    remote.app = make_app(remote.kind, logic)
+    handler = ib.InProcHandler({"far": remote.url})
+    try:
+        with _bridge_opener(handler).open("inproc://far/", timeout=WAIT) as resp:
+            assert resp.read(len(FIRST)) == FIRST
+            assert handler.drain(DRAIN_DEADLINE) == 1
+            with pytest.raises(ALLOWED):
+                resp.read()
+    finally:
+        release.set()
+        handler.close()
+
+
+@pytest.mark.parametrize("leave", ["normally", "by an exception"])
+def test_drain_handler_as_a_context_manager_returns_it_and_closes_it(leave):
+    record, lifespan = {}, LifespanApp()
+    handler = ib.InProcHandler({"where": _where(record), "life": lifespan})
+    opener = urllib.request.build_opener(handler)
+    raising = pytest.raises(_Leave) if leave == "by an exception" else contextlib.nullcontext()
+    with raising:
+        with handler as entered:
+            assert entered is handler
+            with opener.open("inproc://where/", timeout=WAIT) as resp:
+                assert resp.read() == b"here"
+            assert record["thread"].is_alive()
+            if leave == "by an exception":
+                raise _Leave()
+    assert _wait_for(lambda: not record["thread"].is_alive()), "the ASGI loop still runs"
+    assert lifespan.shutdown.is_set()
+    with pytest.raises(ib.BridgeError):  # closed: ASGI apps can no longer be called
+        opener.open("inproc://where/", timeout=WAIT)
+
+
+@pytest.mark.parametrize("leave", ["normally", "by an exception"])
+def test_drain_factory_as_a_context_manager_returns_it_and_closes_it(leave):
+    record, lifespan = {}, LifespanApp()
+    factory = ib.OpenerFactory({"where": _where(record), "life": lifespan})
+    raising = pytest.raises(_Leave) if leave == "by an exception" else contextlib.nullcontext()
+    with raising:
+        with factory as entered:
+            assert entered is factory
+            opener = entered.opener_for(source="one")
+            with opener.open("inproc://where/", timeout=WAIT) as resp:
+                assert resp.read() == b"here"
+            assert record["thread"].is_alive()
+            if leave == "by an exception":
+                raise _Leave()
+    assert _wait_for(lambda: not record["thread"].is_alive()), "the ASGI loop still runs"
+    assert lifespan.shutdown.is_set()
+    with pytest.raises(ib.BridgeError):
+        opener.open("inproc://where/", timeout=WAIT)
+
+
+# ---------------------------------------------------------------------------
+# Remote mounts and trusted
+# ---------------------------------------------------------------------------
+# The far side is a real server on 127.0.0.1: wsgiref (threaded, in the main suite) or
+# uvicorn (optional), serving whatever app the test sets as ``remote.app``.  A raw
+# listening socket stands in where the test needs the bytes on the wire or a server that
+# accepts and never answers.  Attacks alter what the server received, in a proxy-like
+# middleware in front of trusted(), or replay a captured good request to trusted()
+# directly: nothing here knows how the signature is laid out.
+
+KEY = b"issue-13 shared secret \xa7\x00"
+#: What a caller might set to pass itself off as someone else.
+_FORGED = {"Inproc-Source": "admin", "Inproc-Actor": "root", "Inproc-Time": "0",
+           "Inproc-Signature": "forged", "Inproc-Extra": "smuggled"}
+_OK_ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
+       b"Connection: close\r\n\r\nok")
+#: A caller timeout far shorter than WAIT.
+SHORT_TIMEOUT = 0.3
+#: The client code that must not change when the app moves out of process.
+_GATEWAY_CALLS = [
+    ("/v1/chat?x=1", {}),
+    ("/v1/chat", {"data": b'{"q": "hi"}',
+                  "headers": {"Content-Type": "application/json", "X-Call": "c-1"}}),
+    ("/v1/items/7", {"data": b"new", "method": "PUT"}),
+    ("/stream?n=2", {}),
+    ("/missing", {"headers": {"X-Call": "c-2"}}),
+]
+
+
+class _Remote:
+    """A server on loopback; it serves ``app`` (set by the test: WSGI for wsgiref, ASGI
+    for uvicorn).  ``kind``: the make_app() kind that builds an app for it."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.url = None
+        self.app = None
+
+    def wsgi(self, environ, start_response):
+        return self.app(environ, start_response)
+
+    async def asgi(self, scope, receive, send):
+        await self.app(scope, receive, send)
+
+
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+    # Daemon request threads: a request a failing test left open cannot keep the server,
+    # or the interpreter, from stopping.
+    daemon_threads = True
+
+
+@contextlib.contextmanager
+def _wsgiref_remote():
+    remote = _Remote("wsgi-worker")
+    server = wsgiref.simple_server.make_server(
+        "127.0.0.1", 0, remote.wsgi, server_class=_ThreadingWSGIServer,
+        handler_class=_QuietWSGIHandler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01},
+                              name="wsgiref-remote", daemon=True)
+    thread.start()
+    remote.url = "http://127.0.0.1:%d" % server.server_address[1]
+    try:
+        yield remote
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+    assert not thread.is_alive(), "the wsgiref server did not stop"
+
+
+@contextlib.contextmanager
+def _uvicorn_remote():
+    uvicorn = _optional("uvicorn")
+    remote = _Remote("asgi")
+    sock = socket.create_server(("127.0.0.1", 0))
+    config = uvicorn.Config(remote.asgi, interface="asgi3", http="h11", lifespan="off",
+                            log_level="error", log_config=None, timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                              name="uvicorn-remote", daemon=True)
+    thread.start()
+    try:
+        assert _wait_for(lambda: server.started or not thread.is_alive()) and server.started, (
+            "uvicorn did not start")
+        remote.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        yield remote
+    finally:
+        server.should_exit = True
+        thread.join(WAIT)
+        sock.close()
+    assert not thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture
+def remote():
+    """A wsgiref server (threaded) on 127.0.0.1, stopped after the test."""
+    with _wsgiref_remote() as server:
+        yield server
+
+
+@pytest.fixture(params=["wsgiref", pytest.param("uvicorn", marks=pytest.mark.optional)])
+def any_remote(request):
+    """wsgiref serving WSGI, or uvicorn serving ASGI (optional), on 127.0.0.1."""
+    serve = _wsgiref_remote if request.param == "wsgiref" else _uvicorn_remote
+    with serve() as server:
+        yield server
+
+
+class _RawServer:
+    """A listening socket on 127.0.0.1 whose one thread takes connections in turn.  With
+    ``answer`` it reads each request (head and Content-Length body), keeps its bytes in
+    ``received`` and answers with ``answer``; with None it accepts each connection and
+    holds it, never answering, until the server is closed."""
+
+    def __init__(self, answer=None):
+        self.answer = answer
+        self.received = []
+        self.accepted = threading.Event()
+        self._stop = threading.Event()
+        self._held = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, name="raw-server", daemon=True)
+        self.thread.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        with contextlib.suppress(OSError):  # wake accept() up
+            socket.create_connection(self.sock.getsockname(), WAIT).close()
+        self.thread.join(WAIT)
+        self.sock.close()
+        for conn in self._held:
+            conn.close()
+        assert not self.thread.is_alive(), "the raw server thread did not stop"
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self._stop.is_set():
+                conn.close()
+                return
+            self.accepted.set()
+            if self.answer is None:
+                self._held.append(conn)
+                continue
+            with conn:
+                conn.settimeout(WAIT)
+                try:
+                    self.received.append(self._read_request(conn))
+                    conn.sendall(self.answer)
+                except OSError:
+                    pass
+
+    @staticmethod
+    def _read_request(conn):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        chunked = re.search(rb"(?im)^transfer-encoding:.*chunked", head)
+
+        def complete():
+            if length:
+                return len(body) >= int(length.group(1))
+            return not chunked or body.endswith(b"0\r\n\r\n")
+
+        while not complete():
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
+
+
+def _request_headers(data):
+    """[(lower-case name, value)] of the request head in ``data``, as sent."""
+    lines = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+    pairs = (line.decode("latin-1").partition(":") for line in lines)
+    return [(name.strip().lower(), value.strip()) for name, _, value in pairs]
+
+
+def _inproc_headers(data):
+    return [(name, value) for name, value in _request_headers(data)
+            if name.startswith("inproc-")]
+
+
+def _bridge_opener(handler):
+    """An opener over ``handler`` that sends nothing through environment proxies."""
+    return urllib.request.build_opener(handler, urllib.request.ProxyHandler({}))
+
+
+def _factory_opener(factory, **tags):
+    return factory.opener_for(urllib.request.ProxyHandler({}), **tags)
+
+
+def _gateway(seen):
+    """make_app() logic of a small gateway; what each request showed it goes to ``seen``."""
+
+    def logic(req):
+        source = ib.current_source()
+        seen.append({
+            "method": req.method, "target": req.target, "body": req.body,
+            "source": source, "source type": type(source).__name__,
+            "actor": ib.current_actor(),
+            "x-call": req.headers.get("X-Call"),
+            # wsgiref makes up a Content-Type (text/plain) for a request without one
+            "content-type": req.headers.get("Content-Type") if req.body else None,
+            "inproc headers": sorted(name.lower() for name in req.headers
+                                     if name.lower().startswith("inproc-")),
+        })
+        if req.target.startswith("/missing"):
+            return 404, [("Content-Type", "text/plain"), ("Content-Length", "9")], [b"not found"]
+        if req.target.startswith("/stream"):
+            return 200, [("Content-Type", "application/x-ndjson")], [b'{"n": 1}\n', b'{"n": 2}\n']
+        body = ("%s %s %d" % (req.method, req.target, len(req.body))).encode()
+        return 200, [("Content-Type", "text/plain"), ("X-Many", "one"), ("X-Many", "two"),
+                     ("Set-Cookie", "sid=1; Path=/"), ("Content-Length", str(len(body)))], [body]
+
+    return logic
+
+
+def _tags_recorded(kind, app, seen):
+    """``app`` behind a shim that records the tags of each HTTP request to ``seen``:
+    environ["inproc.source"/"inproc.actor"] (WSGI), the scope's inproc extension (ASGI)."""
+    if kind == "asgi":
+
+        async def asgi(scope, receive, send):
+            if scope["type"] == "http":
+                tags = scope.get("extensions", {}).get("inproc", {})
+                seen.append(("scope", tags.get("source"), tags.get("actor")))
+            await app(scope, receive, send)
+
+        return asgi
+
+    def wsgi(environ, start_response):
+        seen.append(("environ", environ.get("inproc.source"), environ.get("inproc.actor")))
+        return app(environ, start_response)
+
+    return wsgi
+
+
+def _final_url(opener, url, timeout):
+    """geturl() of the response (or the HTTPError) ``url`` gets."""
+    try:
+        resp = opener.open(url, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        resp = exc
+    with resp:
+        resp.read()
+        return resp.geturl()
+
+
+def _gateway_calls(opener, timeout):
+    """What the caller sees of _GATEWAY_CALLS (and of two URLs) through ``opener``."""
+    views = [_seen(opener, "inproc://api" + path, timeout, **kw) for path, kw in _GATEWAY_CALLS]
+    views += [_final_url(opener, "inproc://api" + path, timeout)
+              for path in ("/v1/chat?x=1", "/missing")]
+    return views
+
+
+def _as_is(app):
+    return app
+
+
+def _guarded(app):
+    return ib.trusted(app, KEY)
+
+
+def _plain_app(seen):
+    """A WSGI app answering "ok"; what each request showed it goes to ``seen``."""
+
+    def app(environ, start_response):
+        seen.append({
+            "source": ib.current_source(), "actor": ib.current_actor(),
+            "environ": (environ.get("inproc.source"), environ.get("inproc.actor")),
+            "method": environ["REQUEST_METHOD"], "path": environ["PATH_INFO"],
+            "query": environ.get("QUERY_STRING", ""),
+            "inproc headers": sorted(k for k in environ if k.startswith("HTTP_INPROC")),
+        })
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    return app
+
+
+def _through(remote, alter=None, *, key=KEY, source=ib.SOURCE_AGENTS, actor="user-7",
+             base="", target="/v1/chat?x=1", method="GET", headers=None):
+    """One request through a remote mount (``key``) to trusted(_plain_app, KEY) on the
+    wsgiref ``remote``; ``alter(environ)`` changes what the server received before
+    trusted() sees it, as a proxy in between might.  (status, body, what the app saw)."""
+    seen = []
+    guarded = ib.trusted(_plain_app(seen), KEY)
+
+    def proxy(environ, start_response):
+        if alter is not None:
+            alter(environ)
+        return guarded(environ, start_response)
+
+    remote.app = proxy
+    handler = ib.InProcHandler(source=source, actor=actor)
+    try:
+        handler.mount("api", remote.url + base, key=key)
+        req = urllib.request.Request("inproc://api" + target, method=method,
+                                     headers=headers or {})
+        try:
+            with _bridge_opener(handler).open(req, timeout=WAIT) as resp:
+                return resp.status, resp.read(), seen
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.read(), seen
+    finally:
+        handler.close()
+
+
+def _assert_refused(outcome):
+    status, body, seen = outcome
+    assert status == 401
+    assert seen == [], "the app was called"
+    assert KEY not in body
+
+
+def _set(name, value):
+    def alter(environ):
+        environ[name] = value
+
+    return alter
+
+
+def _drop(*names):
+    def alter(environ):
+        for name in names or [k for k in list(environ) if k.startswith("HTTP_INPROC_")]:
+            environ.pop(name, None)
+
+    return alter
+
+
+def _last_digit_changed(value):
+    """``value`` with its last decimal digit changed."""
+    for i in range(len(value) - 1, -1, -1):
+        if value[i].isdigit():
+            return value[:i] + str((int(value[i]) + 1) % 10) + value[i + 1:]
+    raise AssertionError("no digit in %r" % (value,))
+
+
+def _capture_signed(remote, target="/v1/chat?x=1", source=ib.SOURCE_AGENTS, actor="user-7"):
+    """The environ (its str values) the wsgiref ``remote`` built for one request a keyed
+    remote mount sent: a good request to replay by hand."""
+    captured = []
+
+    def capture(environ, start_response):
+        captured.append({k: v for k, v in environ.items() if isinstance(v, str)})
+        start_response("204 No Content", [])
+        return []
+
+    remote.app = capture
+    handler = ib.InProcHandler(source=source, actor=actor)
+    try:
+        handler.mount("api", remote.url, key=KEY)
+        with _bridge_opener(handler).open("inproc://api" + target, timeout=WAIT) as resp:
+            assert resp.status == 204
+    finally:
+        handler.close()
+    (environ,) = captured
+    assert "HTTP_INPROC_SIGNATURE" in environ
+    return environ
+
+
+def _changed(captured, **changes):
+    """A copy of ``captured`` with ``changes`` (None: the key removed)."""
+    environ = dict(captured)
+    for name, value in changes.items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+    return environ
+
+
+def _replayed(captured, **changes):
+    """A fresh WSGI environ for the captured request, with ``changes``."""
+    environ = _changed(captured, **changes)
+    wsgiref.util.setup_testing_defaults(environ)
+    environ["wsgi.input"] = io.BytesIO(b"")
+    return environ
+
+
+def _call_wsgi(app, environ):
+    """Call a WSGI app by hand: (status code, body)."""
+    started = []
+
+    def start_response(status, headers, exc_info=None):
+        started.append(status)
+        return lambda data: None
+
+    result = app(environ, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    return int(started[0].split()[0]), body
+
+
+def _asgi_scope(environ):
+    """The ASGI scope of the request a WSGI ``environ`` describes."""
+    headers = [(k[5:].replace("_", "-").lower().encode("latin-1"), v.encode("latin-1"))
+               for k, v in environ.items() if k.startswith("HTTP_")]
+    path = environ["PATH_INFO"]
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": environ["REQUEST_METHOD"], "scheme": "http", "path": path,
+            "raw_path": urllib.parse.quote(path).encode("ascii"),
+            "query_string": environ.get("QUERY_STRING", "").encode("latin-1"),
+            "root_path": "", "headers": headers, "client": ("127.0.0.1", 40000),
+            "server": ("127.0.0.1", 80)}
+
+
+def _call_asgi(app, scope):
+    """Call an ASGI app by hand with an empty body: (status, body)."""
+    sent = []
+
+    async def run():
+        asked = []
+
+        async def receive():
+            if not asked:
+                asked.append(True)
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        await asyncio.wait_for(app(scope, receive, send), WAIT)
+
+    asyncio.run(run())
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def _key_forms(key):
+    """The key as bytes, and as the encodings a careless sender might put it in."""
+    forms = {key, key.hex().encode(), key.hex().upper().encode()}
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        forms |= {encode(key), encode(key).rstrip(b"=")}
+    return forms
+
+
+class _Actor:
+    """An actor object that is not a str: it travels as str(actor)."""
+
+    def __str__(self):
+        return "user-7"
+
+
+def _mounted(how, url, source=None, actor=None):
+    """(opener, close) reaching ``url`` as inproc://api without a key, mounted ``how``."""
+    apps = {"api": url} if how.endswith("apps") else None
+    if how.startswith("handler"):
+        handler = ib.InProcHandler(apps, source=source, actor=actor)
+        if apps is None:
+            handler.mount("api", url)
+        return _bridge_opener(handler), handler.close
+    factory = ib.OpenerFactory(apps)
+    if apps is None:
+        factory.mount("api", url)
+    return _factory_opener(factory, source=source, actor=actor), factory.close
+
+
+def test_remote_same_status_headers_and_body_as_in_process(any_remote):
+    """The same client code, the app in-process and then behind trusted() on a real
+    server: the caller sees the same responses, the app the same requests and tags."""
+    kind = any_remote.kind
+    local_seen, far_seen = [], []
+    local = ib.OpenerFactory(
+        {"api": _tags_recorded(kind, make_app(kind, _gateway(local_seen)), local_seen)})
+    any_remote.app = ib.trusted(
+        _tags_recorded(kind, make_app(kind, _gateway(far_seen)), far_seen), KEY)
+    far = ib.OpenerFactory()
+    try:
+        far.mount("api", any_remote.url, key=KEY)
+        views = [_gateway_calls(_factory_opener(factory, actor="user-7", source=ib.SOURCE_AGENTS),
+                                KIND_TIMEOUT[kind])
+                 for factory in (local, far)]
+    finally:
+        local.close()
+        far.close()
+    assert views[1] == views[0]
+    assert far_seen == local_seen
+    tags = ("scope" if kind == "asgi" else "environ", "agents", "user-7")
+    assert tags in local_seen
+    assert {s["source type"] for s in local_seen if isinstance(s, dict)} == {"Source"}
+
+
+def test_remote_sse_streams_incrementally(any_remote):
+    """The caller reads event 1 before the app is allowed to send event 2."""
+    go, in_time = threading.Event(), []
+
+    def logic(req):
+        def events():
+            yield b"event: token\ndata: 1\n\n"
+            in_time.append(go.wait(WAIT))
+            yield b"event: token\ndata: 2\n\n"
+
+        return 200, [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")], events()
+
+    any_remote.app = ib.trusted(make_app(any_remote.kind, logic), KEY)
+    handler = ib.InProcHandler(source=ib.SOURCE_AGENTS)
+    try:
+        handler.mount("api", any_remote.url, key=KEY)
+        with _bridge_opener(handler).open("inproc://api/v1/events", timeout=WAIT) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            assert [resp.readline() for _ in range(3)] == [b"event: token\n", b"data: 1\n", b"\n"]
+            go.set()
+            assert resp.read() == b"event: token\ndata: 2\n\n"
+    finally:
+        go.set()
+        handler.close()
+    assert in_time == [True], "event 1 reached the caller only after the app sent event 2"
+
+
+@pytest.mark.parametrize("path, wire", [
+    ("/v1/chat?x=1", ("/base/v1/chat", "x=1")),
+    ("/v1/hello%20world?q=a%20b", ("/base/v1/hello world", "q=a%20b")),
+    ("/", ("/base/", "")),
+])
+def test_remote_base_path_is_joined_with_the_callers_path(remote, path, wire):
+    status, body, seen = _through(remote, base="/base", target=path)
+    assert (status, body) == (200, b"ok")
+    assert [(s["path"], s["query"]) for s in seen] == [wire]
+
+
+def test_remote_mount_counts_as_mounted_for_intercept_http(remote):
+    seen = []
+    remote.app = ib.trusted(_plain_app(seen), KEY)
+    handler = ib.InProcHandler(source=ib.SOURCE_AGENTS, intercept_http=True)
+    try:
+        handler.mount("api.internal", remote.url, key=KEY)
+        with _bridge_opener(handler).open("http://api.internal/v1/chat?x=1",
+                                          timeout=WAIT) as resp:
+            assert resp.read() == b"ok"
+    finally:
+        handler.close()
+    assert [(s["path"], s["query"], s["source"]) for s in seen] == [("/v1/chat", "x=1", "agents")]
+
+
+def test_remote_timeout_raises_socket_timeout_when_the_server_never_answers():
+    with _RawServer(answer=None) as silent:
+        handler = ib.InProcHandler(source=ib.SOURCE_AGENTS)
+        try:
+            handler.mount("api", silent.url, key=KEY)
+            started = time.monotonic()
+            with pytest.raises(socket.timeout):
+                _bridge_opener(handler).open("inproc://api/v1/chat", timeout=SHORT_TIMEOUT)
+            assert time.monotonic() - started < WAIT
+            assert silent.accepted.is_set(), "the request never reached the server"
+        finally:
+            handler.close()
+
+
+def test_remote_timeout_between_body_chunks_raises_socket_timeout(remote):
+    release = threading.Event()
+
+    def logic(req):
+        def chunks():
+            yield FIRST
+            release.wait(WAIT)
+            yield b"late"
+
+        return 200, [("Content-Type", "text/plain")], chunks()
+
+    remote.app = make_app(remote.kind, logic)
+    handler = ib.InProcHandler({"api": remote.url})
+    try:
+        with _bridge_opener(handler).open("inproc://api/", timeout=SHORT_TIMEOUT) as resp:
+            assert resp.read(len(FIRST)) == FIRST
+            with pytest.raises(socket.timeout):
+                resp.read()
+    finally:
+        release.set()
+        handler.close()
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+@pytest.mark.parametrize("location", ["/elsewhere", "{remote}/elsewhere", "inproc://local/x",
+                                      "http://local.internal/x"])
+def test_remote_redirect_is_not_followed_and_never_into_the_bridge(remote, code, location):
+    far_calls, local_calls = [], []
+    target = location.format(remote=remote.url)
+
+    def logic(req):
+        far_calls.append(req.target)
+        if req.target == "/go":
+            return code, [("Location", target), ("Content-Type", "text/plain"),
+                          ("Content-Length", "0")], []
+        return 200, [("Content-Type", "text/plain"), ("Content-Length", "8")], [b"followed"]
+
+    remote.app = ib.trusted(make_app(remote.kind, logic), KEY)
+    factory = ib.OpenerFactory({"local": make_app("wsgi-worker", _ok(local_calls)),
+                                "local.internal": make_app("wsgi-worker", _ok(local_calls))},
+                               intercept_http=True)
+    try:
+        factory.mount("far", remote.url, key=KEY)
+        with _http_error(code) as info:
+            _factory_opener(factory).open("inproc://far/go", timeout=WAIT)
+        assert info.value.headers["Location"] == target
+    finally:
+        factory.close()
+    assert far_calls == ["/go"]
+    assert local_calls == []
+
+
+@pytest.mark.parametrize("how", ["handler mount", "factory mount", "handler apps", "factory apps"])
+def test_remote_without_a_key_sends_no_inproc_headers(how):
+    """A keyless mount, a URL in an apps mapping included: nothing Inproc-* on the wire,
+    not the tags, not the caller's own Inproc-* headers; the other headers go through."""
+    with _RawServer(_OK_ANSWER) as raw:
+        opener, close = _mounted(how, raw.url, source=ib.SOURCE_AGENTS, actor="user-7")
+        try:
+            req = urllib.request.Request("inproc://api/v1?x=1",
+                                         headers=dict(_FORGED, **{"X-Kept": "yes"}))
+            with opener.open(req, timeout=WAIT) as resp:
+                assert resp.read() == b"ok"
+        finally:
+            close()
+    (data,) = raw.received
+    assert data.startswith(b"GET /v1?x=1 HTTP/1.1\r\n")
+    assert _inproc_headers(data) == []
+    assert ("x-kept", "yes") in _request_headers(data)
+    for word in (b"admin", b"root", b"forged", b"smuggled", b"agents", b"user-7"):
+        assert word not in data
+
+
+def test_remote_caller_set_inproc_headers_are_replaced_on_the_wire():
+    with _RawServer(_OK_ANSWER) as raw:
+        handler = ib.InProcHandler(source=ib.SOURCE_AGENTS, actor="user-7")
+        try:
+            handler.mount("api", raw.url, key=KEY)
+            req = urllib.request.Request("inproc://api/v1", headers=_FORGED)
+            req.add_unredirected_header("Inproc-signature", "forged too")
+            with _bridge_opener(handler).open(req, timeout=WAIT) as resp:
+                assert resp.read() == b"ok"
+        finally:
+            handler.close()
+    (data,) = raw.received
+    sent = _inproc_headers(data)
+    assert sorted(name for name, _ in sent) == [
+        "inproc-actor", "inproc-signature", "inproc-source", "inproc-time"]
+    sent = dict(sent)
+    assert (sent["inproc-source"], sent["inproc-actor"]) == ("agents", "user-7")
+    assert sent["inproc-time"] != "0"
+    for word in (b"admin", b"root", b"forged", b"smuggled"):
+        assert word not in data
+
+
+def test_remote_key_never_crosses_the_wire():
+    requests = [
+        urllib.request.Request("inproc://api/v1/chat?x=1"),
+        urllib.request.Request("inproc://api/v1/chat", data=b"a body " * 100),
+        urllib.request.Request("inproc://api/v1/items/7", data=b"{}", method="PUT",
+                               headers={"Content-Type": "application/json"}),
+    ]
+    with _RawServer(_OK_ANSWER) as raw:
+        handler = ib.InProcHandler(source=ib.SOURCE_AGENTS, actor="user-7")
+        try:
+            handler.mount("api", raw.url + "/base", key=KEY)
+            for req in requests:
+                with _bridge_opener(handler).open(req, timeout=WAIT) as resp:
+                    assert resp.read() == b"ok"
+        finally:
+            handler.close()
+    assert len(raw.received) == len(requests)
+    for data in raw.received:
+        assert "inproc-signature" in dict(_request_headers(data)), "the request was not signed"
+        for form in _key_forms(KEY):
+            assert form not in data, "the key went out as %r" % (form,)
+
+
+@pytest.mark.parametrize("source, actor, sent", [
+    (None, None, {}),
+    (ib.SOURCE_AGENTS, None, {"inproc-source": "agents"}),
+    (None, _Actor(), {"inproc-actor": "user-7"}),
+    (ib.SOURCE_AGENTS, _Actor(), {"inproc-source": "agents", "inproc-actor": "user-7"}),
+], ids=["neither", "source only", "actor only", "both"])
+def test_remote_sends_a_tag_header_only_for_a_tag_that_is_set(remote, source, actor, sent):
+    """None sends no header and reaches the app as None; an actor travels as str(actor)."""
+    with _RawServer(_OK_ANSWER) as raw:
+        handler = ib.InProcHandler(source=source, actor=actor)
+        try:
+            handler.mount("api", raw.url, key=KEY)
+            with _bridge_opener(handler).open("inproc://api/", timeout=WAIT) as resp:
+                assert resp.read() == b"ok"
+        finally:
+            handler.close()
+    (data,) = raw.received
+    on_wire = dict(_inproc_headers(data))
+    assert set(on_wire) == set(sent) | {"inproc-time", "inproc-signature"}
+    assert {k: v for k, v in on_wire.items() if k in ("inproc-source", "inproc-actor")} == sent
+    status, _, seen = _through(remote, source=source, actor=actor)
+    assert status == 200
+    expected = (sent.get("inproc-source"), sent.get("inproc-actor"))
+    assert [((s["source"], s["actor"]), s["environ"]) for s in seen] == [(expected, expected)]
+
+
+@pytest.mark.parametrize("source", [ib.SOURCE_AGENTS, None])
+def test_trusted_caller_set_inproc_headers_never_reach_the_app(remote, source):
+    status, body, seen = _through(remote, source=source, headers=_FORGED)
+    assert (status, body) == (200, b"ok")
+    assert [(s["source"], s["actor"], s["environ"]) for s in seen] == [
+        (source, "user-7", (source, "user-7"))]
+    assert seen[0]["inproc headers"] == []
+
+
+def test_trusted_accepts_a_request_signed_with_the_right_key(remote):
+    status, body, seen = _through(remote, method="POST", target="/v1/chat?x=1")
+    assert (status, body) == (200, b"ok")
+    (saw,) = seen
+    assert type(saw["source"]) is ib.Source
+    assert (saw["source"], saw["actor"], saw["environ"]) == ("agents", "user-7",
+                                                             ("agents", "user-7"))
+    assert (saw["method"], saw["path"], saw["query"]) == ("POST", "/v1/chat", "x=1")
+    assert saw["inproc headers"] == []
+
+
+def test_trusted_refuses_a_wrong_key(remote):
+    _assert_refused(_through(remote, key=b"another secret"))
+
+
+@pytest.mark.parametrize("actor", ["user-7", None], ids=["changed", "added"])
+def test_trusted_refuses_a_tampered_actor(remote, actor):
+    _assert_refused(_through(remote, _set("HTTP_INPROC_ACTOR", "root"), actor=actor))
+
+
+@pytest.mark.parametrize("source", [ib.SOURCE_AGENTS, None], ids=["changed", "added"])
+def test_trusted_refuses_a_tampered_source(remote, source):
+    _assert_refused(_through(remote, _set("HTTP_INPROC_SOURCE", "admin"), source=source))
+
+
+@pytest.mark.parametrize("name, value", [("PATH_INFO", "/v1/admin"), ("QUERY_STRING", "x=2"),
+                                         ("QUERY_STRING", "")], ids=["path", "query", "no query"])
+def test_trusted_refuses_a_tampered_path(remote, name, value):
+    _assert_refused(_through(remote, _set(name, value)))
+
+
+def test_trusted_refuses_a_tampered_method(remote):
+    _assert_refused(_through(remote, _set("REQUEST_METHOD", "DELETE")))
+
+
+def test_trusted_refuses_a_tampered_signature(remote):
+    def alter(environ):
+        signature = environ["HTTP_INPROC_SIGNATURE"]
+        environ["HTTP_INPROC_SIGNATURE"] = ("0" if signature[0] != "0" else "1") + signature[1:]
+
+    _assert_refused(_through(remote, alter))
+
+
+def test_trusted_refuses_a_tampered_time(remote):
+    def alter(environ):
+        environ["HTTP_INPROC_TIME"] = _last_digit_changed(environ["HTTP_INPROC_TIME"])
+
+    _assert_refused(_through(remote, alter))
+
+
+@pytest.mark.parametrize("names", [("HTTP_INPROC_SIGNATURE",), ("HTTP_INPROC_TIME",),
+                                   ("HTTP_INPROC_SOURCE",), ("HTTP_INPROC_ACTOR",), ()],
+                         ids=["signature", "time", "source", "actor", "every Inproc-*"])
+def test_trusted_refuses_a_request_missing_a_header(remote, names):
+    _assert_refused(_through(remote, _drop(*names)))
+
+
+def test_trusted_refuses_forged_inproc_headers_sent_straight_to_the_server(remote):
+    seen = []
+    remote.app = ib.trusted(_plain_app(seen), KEY)
+    forged = dict(_FORGED, **{"Inproc-Time": str(int(time.time())),
+                              "Inproc-Signature": "0" * 64})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with _http_error(401) as info:
+        opener.open(urllib.request.Request(remote.url + "/v1/chat?x=1", headers=forged),
+                    timeout=WAIT)
+    assert KEY not in info.value.d_body
+    with _http_error(401):  # nothing Inproc-* at all
+        opener.open(remote.url + "/v1/chat?x=1", timeout=WAIT)
+    assert seen == []
+
+
+def test_trusted_refuses_a_signature_older_than_max_age(remote, monkeypatch):
+    """A captured good request replayed by hand: let through inside max_age (no nonce is
+    asked for), 401 once the clock has moved past it."""
+    good = _capture_signed(remote)
+    seen = []
+    default = ib.trusted(_plain_app(seen), KEY)
+    short = ib.trusted(_plain_app(seen), key=KEY, max_age=60)
+    assert _call_wsgi(default, _replayed(good)) == (200, b"ok")
+    skew = [0.0]
+    real_time, real_time_ns = time.time, time.time_ns
+    monkeypatch.setattr(time, "time", lambda: real_time() + skew[0])
+    monkeypatch.setattr(time, "time_ns", lambda: real_time_ns() + int(skew[0] * 1e9))
+    skew[0] = 200.0
+    assert _call_wsgi(default, _replayed(good)) == (200, b"ok")
+    assert _call_wsgi(short, _replayed(good))[0] == 401
+    skew[0] = 310.0
+    status, body = _call_wsgi(default, _replayed(good))
+    assert status == 401
+    assert KEY not in body
+    assert len(seen) == 2
+
+
+def test_trusted_compares_signatures_with_hmac_compare_digest(remote, monkeypatch):
+    good = _capture_signed(remote)
+    seen, compared = [], []
+    guarded = ib.trusted(_plain_app(seen), KEY)
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    assert _call_wsgi(guarded, _replayed(good)) == (200, b"ok")
+    assert compared, "trusted() let a request in without hmac.compare_digest"
+    compared.clear()
+    assert _call_wsgi(guarded, _replayed(good, HTTP_INPROC_ACTOR="root"))[0] == 401
+    assert compared, "trusted() refused a request without hmac.compare_digest"
+    assert len(seen) == 1
+
+
+def test_trusted_asgi_app_checks_the_signature_and_sets_the_tags(remote):
+    """The WSGI-captured good request, as an ASGI scope: in with the tags set as
+    in-process (scope extension included) and no Inproc-* header; altered: 401."""
+    good = _capture_signed(remote)
+    seen = []
+
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        tags = scope.get("extensions", {}).get("inproc", {})
+        seen.append((ib.current_source(), ib.current_actor(), tags.get("source"),
+                     tags.get("actor"),
+                     sorted(n for n, _ in scope["headers"] if n.startswith(b"inproc-"))))
+        await _receive_messages(receive)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guarded = ib.trusted(app, KEY)
+    assert _call_asgi(guarded, _asgi_scope(good)) == (200, b"ok")
+    assert seen == [("agents", "user-7", "agents", "user-7", [])]
+    for change in ({"HTTP_INPROC_ACTOR": "root"}, {"HTTP_INPROC_SIGNATURE": None},
+                   {"PATH_INFO": "/v1/admin"}):
+        status, body = _call_asgi(guarded, _asgi_scope(_changed(good, **change)))
+        assert status == 401, change
+        assert KEY not in body
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize("app_kind", [*WSGI_KINDS, "asgi"])
+def test_trusted_app_served_in_process_behaves_as_the_app_itself(app_kind):
+    """The same calls to an app and to trusted(app) in-process: same responses, same
+    requests and tags; the actor object itself, not its str()."""
+    actor = ("user", 7)
+    views, seen = [], {}
+    for wrap in (_as_is, _guarded):
+        saw = seen[wrap] = []
+        factory = ib.OpenerFactory(
+            {"api": wrap(_tags_recorded(app_kind, make_app(app_kind, _gateway(saw)), saw))})
+        try:
+            views.append(_gateway_calls(
+                factory.opener_for(actor=actor, source=ib.SOURCE_AGENTS), KIND_TIMEOUT[app_kind]))
+        finally:
+            factory.close()
+    assert views[1] == views[0]
+    assert seen[_guarded] == seen[_as_is]
+    assert ("scope" if app_kind == "asgi" else "environ", "agents", actor) in seen[_guarded]
+
+
+@pytest.mark.parametrize("app_kind", [*WSGI_KINDS, "asgi"])
+def test_trusted_app_in_process_keeps_the_bridges_tags_against_caller_set_headers(app_kind):
+    seen = []
+
+    def logic(req):
+        seen.append((ib.current_source(), ib.current_actor()))
+        return 200, [("Content-Type", "text/plain"), ("Content-Length", "2")], [b"ok"]
+
+    factory = ib.OpenerFactory({"api": ib.trusted(make_app(app_kind, logic), KEY)})
+    try:
+        req = urllib.request.Request("inproc://api/", headers=_FORGED)
+        opener = factory.opener_for(source=ib.SOURCE_AGENTS, actor="user-7")
+        with opener.open(req, timeout=KIND_TIMEOUT[app_kind]) as resp:
+            assert resp.read() == b"ok"
+    finally:
+        factory.close()
+    assert seen == [("agents", "user-7")]
+
+
+@pytest.mark.parametrize("url", ["ftp://files.internal/x", "inproc://x", "file:///etc/passwd",
+                                 "api.internal:8443/base"])
+@pytest.mark.parametrize("how", ["handler mount", "factory mount", "handler apps", "factory apps"])
+def test_remote_mount_refuses_a_url_that_is_not_http_or_https(url, how):
+    scheme = urllib.parse.urlsplit(url).scheme
+    with pytest.raises(ValueError, match=re.escape(scheme)):
+        if how == "handler apps":
+            ib.InProcHandler({"api": url})
+        elif how == "factory apps":
+            ib.OpenerFactory({"api": url})
+        elif how == "handler mount":
+            ib.InProcHandler().mount("api", url, key=KEY)
+        else:
+            ib.OpenerFactory().mount("api", url)
+
+
+@pytest.mark.parametrize("key", ["shared secret", 42], ids=["str", "int"])
+@pytest.mark.parametrize("how", ["handler", "factory", "trusted"])
+def test_remote_mount_and_trusted_refuse_a_key_that_is_not_bytes(key, how):
+    with pytest.raises(TypeError, match="bytes"):
+        if how == "trusted":
+            ib.trusted(_plain_app([]), key)
+        elif how == "handler":
+            ib.InProcHandler().mount("api", "https://gateway.internal:8443/base", key=key)
+        else:
+            ib.OpenerFactory().mount("api", "https://gateway.internal:8443/base", key=key)
+
+
+@pytest.mark.parametrize("max_age", [0, -1, -0.5])
+def test_trusted_refuses_a_max_age_that_is_not_positive(max_age):
+    with pytest.raises(ValueError, match="max_age"):
+        ib.trusted(_plain_app([]), KEY, max_age=max_age)
 
 
 # ---------------------------------------------------------------------------
