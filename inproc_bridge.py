@@ -17,9 +17,15 @@ whose body streams chunk by chunk as the app produces it (SSE, NDJSON)::
 Everything urllib does for ``http://`` -- error statuses as ``HTTPError``,
 redirects, cookies, auth handlers -- applies to ``inproc://`` too.  With
 ``intercept_http=True`` the bridge also serves ``http://`` and ``https://``
-URLs whose host is a mount name.  ``OpenerFactory`` hands out openers that tag
-their requests with a call-site ``Source``; the app reads it with
-``current_source()``.  Run ``python -m inproc_bridge`` for a self-test.
+URLs whose host is a mount name; inside ``with intercept(apps):`` the whole
+process does, for every urllib opener and ``http.client`` connection.
+``OpenerFactory`` hands out openers that tag their requests with a call-site
+``Source``; the app reads it with ``current_source()``.  For tests,
+``record=`` keeps a journal of ``Call`` records and ``mount(..., fault=Fault(
+...))`` injects faults; for production, ``drain()`` shuts down gracefully and
+``mount(name, url, key=...)`` with ``trusted()`` on the far side moves an app
+to a real server without changing its callers.  Run ``python -m
+inproc_bridge`` for a self-test.
 """
 
 from __future__ import annotations
@@ -86,6 +92,8 @@ __all__ = [
     "ASGIApp",
     # the far side of a remote mount
     "trusted",
+    # reach every urllib opener and http.client connection
+    "intercept",
     # test doubles: the call journal and faults
     "Call",
     "Calls",
@@ -150,6 +158,14 @@ _log = logging.getLogger(__name__)
 # processors, feeding a streamed request body (backpressure on the caller's
 # own producer), waiting for the head, and -- with no timeout to keep -- a
 # WSGI app itself, because a thread hop costs more than a small request.
+#
+# Built on the exchange, once for every kind: the call journal (a Call the
+# transitions fill in), faults (every body byte passes _Exchange.account),
+# drain (each mount table knows its exchanges in flight and cancels them
+# with abort()), remote mounts (one more adapter: the caller's thread sends
+# the request over the network, a worker pumps the body into the pipe) and
+# intercept() (class-level patches of urllib's HTTP handlers and
+# http.client's connect() that route mounted hosts to a bridge).
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -1153,6 +1169,8 @@ class _RawParser:
     def __init__(self, method: Optional[str]) -> None:
         self.method = method  # the request's, when following a response; None: a request
         self.head: Optional[_Head] = None
+        self.line = ""  # a request's request line, once its head is in
+        self.fields: List[Tuple[str, str]] = []  # and its header fields
         self.state = "head"
         self.left = 0  # body bytes (or chunk bytes) still due
         self._line = b""
@@ -1199,6 +1217,8 @@ class _RawParser:
         fields = [tuple(part.strip().decode("latin-1") for part in line.split(b":", 1))
                   for line in lines[1:] if b":" in line]
         first = {name.lower(): value for name, value in reversed(fields)}
+        self.line = lines[0].decode("latin-1") if lines else ""
+        self.fields = cast(List[Tuple[str, str]], fields)
         code = 0
         if self.method is not None:
             status = lines[0].split(None, 2) if lines else []
@@ -3482,6 +3502,21 @@ class InProcHandler(urllib.request.BaseHandler):
     def __enter__(self) -> InProcHandler:
         return self
 
+    def sharing(self, *, intercept_http: bool = False, record: Any = False) -> InProcHandler:
+        """A new handler over this one's mounts, with its source and actor
+        (and its call journal unless ``record`` asks for another): what
+        ``intercept(handler)`` serves with.  ``close()`` stays this one's."""
+        return InProcHandler(self._mounts, source=self.source, actor=self.actor,
+                             intercept_http=intercept_http, record=record or self.calls)
+
+    def serves_host(self, host: str, scheme: str) -> bool:
+        """Whether a request for ``host`` (``name`` or ``name:port``) over
+        ``scheme`` would reach an app mounted here."""
+        try:
+            return self._mounts.find(host, scheme) is not None
+        except BridgeError:
+            return False  # not a name we could have mounted
+
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
@@ -3689,6 +3724,15 @@ class OpenerFactory:
     def __enter__(self) -> OpenerFactory:
         return self
 
+    def sharing(self, *, source: Optional[str] = None, actor: Any = None,
+                record: Any = False) -> InProcHandler:
+        """A handler over this factory's mounts that serves ``http(s)://``
+        URLs of mounted hosts (``intercept_http=True``), tagged with
+        ``source`` and ``actor``: what ``intercept(factory)`` serves with.
+        Its journal is the factory's unless ``record`` asks for another."""
+        return InProcHandler(self._mounts, source=source, actor=actor, intercept_http=True,
+                             record=record or self.calls)
+
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
@@ -3727,6 +3771,280 @@ class OpenerFactory:
 
 
 # ---------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# Interception: every urllib opener and http.client connection
+# ---------------------------------------------------------------------------
+#
+# While an intercept() block is active, a few stdlib entry points are
+# patched at class level, so that openers built before the block (SDKs keep
+# their own) and code written on http.client are reached too:
+#
+# * HTTPHandler.http_open / HTTPSHandler.https_open: a request for a mounted
+#   host is served by the block's bridge, as intercept_http=True serves it;
+#   the opener's processors (errors, redirects, cookies) run as for any URL.
+# * HTTPRedirectHandler.redirect_request: a network response may not
+#   redirect into a mounted host.
+# * urllib.request.proxy_bypass: environment proxies skip mounted hosts.
+# * HTTPConnection.connect / HTTPSConnection.connect: a connection to a
+#   mounted host gets an in-process socket; each request written to it is
+#   served by the bridge and its response rendered back as HTTP/1.1, so
+#   several requests share one connection as over TCP.
+#
+# The patches go in with the first block and out with the last; a block
+# only pushes its bridge on a stack (innermost first).  Outside a block
+# nothing is patched; inside, a host no block mounts costs a lookup per
+# block.
+
+_blocks: Tuple[_Block, ...] = ()  # the active blocks, innermost first
+_patched: List[Tuple[Any, str, Any]] = []  # (owner, name, what was there) to put back
+_BLOCKS_LOCK = threading.Lock()
+_MISSING = object()
+
+
+class _Block:
+    """One active ``intercept()``: its bridge and whether other hosts may
+    reach the network."""
+
+    __slots__ = ("bridge", "network")
+
+    def __init__(self, bridge: InProcHandler, network: bool) -> None:
+        self.bridge = bridge
+        self.network = network
+
+
+def _route(host: str, scheme: str) -> Tuple[Optional[InProcHandler], bool]:
+    """(the bridge that serves ``host``, or None; whether the network may
+    be used for it).  Raises ``BridgeError`` for a host no block mounts
+    when the innermost block has ``network=False``."""
+    blocks = _blocks
+    for block in blocks:
+        if block.bridge.serves_host(host, scheme):
+            return block.bridge, False
+    if blocks and not blocks[0].network:
+        raise BridgeError("%s://%s is not mounted in this intercept(network=False) block: "
+                          "nothing may reach the network" % (scheme, host))
+    return None, True
+
+
+def _origin(host: str, port: Optional[int], scheme: str) -> str:
+    shown = "[%s]" % host if ":" in host and not host.startswith("[") else host
+    return shown if port is None or port == _DEFAULT_PORTS[scheme] else "%s:%d" % (shown, port)
+
+
+def _patch(owner: Any, name: str, value: Any) -> None:
+    _patched.append((owner, name, vars(owner).get(name, _MISSING)))
+    setattr(owner, name, value)
+
+
+def _install() -> None:
+    # With _BLOCKS_LOCK held, for the first block.
+    request_module = urllib.request
+    for cls, scheme in ((request_module.HTTPHandler, "http"),
+                        (getattr(request_module, "HTTPSHandler", None), "https")):
+        if cls is None:
+            continue
+        original = getattr(cls, scheme + "_open")
+
+        def opened(self: Any, req: urllib.request.Request, _original: Any = original) -> Any:
+            bridge, _ = _route(req.host, req.type)
+            if bridge is not None:
+                return bridge.http_open(req)
+            return _original(self, req)
+
+        _patch(cls, scheme + "_open", opened)
+
+    redirect = request_module.HTTPRedirectHandler.redirect_request
+
+    def redirect_request(self: Any, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> Any:
+        if not isinstance(fp, _Response):
+            target = urllib.parse.urlsplit(newurl)
+            try:
+                served = target.scheme in ("http", "https") and _route(
+                    target.netloc.rpartition("@")[2], target.scheme)[0] is not None
+            except BridgeError:
+                served = False  # not ours: the network's rules decide
+            if served:
+                raise urllib.error.HTTPError(
+                    req.full_url, code, "%s - a network response may not redirect into the "
+                    "in-process bridge (%s)" % (msg, newurl), headers, fp)
+        return redirect(self, req, fp, code, msg, headers, newurl)
+
+    _patch(request_module.HTTPRedirectHandler, "redirect_request", redirect_request)
+
+    bypass = request_module.proxy_bypass
+
+    def proxy_bypass(host: str) -> Any:
+        for scheme in ("http", "https"):
+            try:
+                if _route(host, scheme)[0] is not None:
+                    return True
+            except BridgeError:
+                pass
+        return bypass(host)
+
+    _patch(request_module, "proxy_bypass", proxy_bypass)
+
+    for conn_class, scheme in ((http.client.HTTPConnection, "http"),
+                               (getattr(http.client, "HTTPSConnection", None), "https")):
+        if conn_class is None:
+            continue
+        connect = vars(conn_class)["connect"]
+
+        def connected(self: Any, _connect: Any = connect, _scheme: str = scheme) -> None:
+            origin = _origin(self.host, self.port, _scheme)
+            bridge, _ = _route(origin, _scheme)
+            if bridge is None:
+                _connect(self)
+            else:
+                self.sock = _InterceptSocket(bridge, _scheme, origin, self.timeout)
+
+        _patch(conn_class, "connect", connected)
+
+
+def _uninstall() -> None:
+    # With _BLOCKS_LOCK held, after the last block.
+    while _patched:
+        owner, name, before = _patched.pop()
+        if before is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, before)
+
+
+@contextlib.contextmanager
+def intercept(apps: Any = None, *, network: bool = True, source: Optional[str] = None,
+              actor: Any = None, record: Any = False) -> Iterator[InProcHandler]:
+    """While the block runs, the whole process serves the hosts mounted
+    here in-process: every ``urllib.request`` opener (the installed one,
+    ``urlopen(context=...)``, openers built before or inside the block) and
+    ``http.client`` connections (``xmlrpc.client``, code written on
+    http.client), with the host matching of ``intercept_http=True``.
+    ``apps`` is a mapping (as ``InProcHandler``'s), an ``InProcHandler``
+    (its mounts, source and actor) or an ``OpenerFactory`` (its mounts).
+    Other hosts go to the network -- or, with ``network=False``, raise
+    ``BridgeError`` before any connection.  Blocks nest (the innermost
+    one's mounts first); leaving one restores what was there before it.
+    Yields the ``InProcHandler`` serving the block: its ``mount()`` and
+    ``unmount()`` act at once."""
+    global _blocks
+    if isinstance(apps, InProcHandler):
+        bridge = apps.sharing(intercept_http=True, record=record)
+    elif isinstance(apps, OpenerFactory):
+        bridge = apps.sharing(source=source, actor=actor, record=record)
+    elif apps is None or isinstance(apps, Mapping):
+        bridge = InProcHandler(apps, source=source, actor=actor, intercept_http=True,
+                               record=record)
+    else:
+        raise TypeError("intercept() wants a mapping of mount names to apps, an InProcHandler "
+                        "or an OpenerFactory, not %s" % type(apps).__name__)
+    urllib.request.build_opener(bridge)  # its parent, for remote mounts' network()
+    block = _Block(bridge, network)
+    with _BLOCKS_LOCK:
+        if not _blocks:
+            _install()
+        _blocks = (block, *_blocks)
+    try:
+        yield bridge
+    finally:
+        with _BLOCKS_LOCK:
+            _blocks = tuple(other for other in _blocks if other is not block)
+            if not _blocks:
+                _uninstall()
+        if isinstance(apps, Mapping) or apps is None:
+            bridge.close()
+
+
+class _InterceptSocket:
+    """What an ``HTTPConnection`` to a mounted host gets as its socket: the
+    request it writes is gathered, served by the bridge when http.client
+    asks for the response, and the response rendered back as HTTP/1.1 (a
+    body without a Content-Length chunked, so the connection stays open)."""
+
+    def __init__(self, bridge: InProcHandler, scheme: str, origin: str,
+                 timeout: Any) -> None:
+        self._bridge = bridge
+        self._scheme = scheme
+        self._origin = origin
+        self._timeout = timeout
+        self._parser = _RawParser(None)
+        self._body: List[bytes] = []
+
+    def sendall(self, data: Any) -> None:
+        data = data if type(data) is bytes else memoryview(data).tobytes()
+        for start, end in self._parser.feed(data):
+            self._body.append(data[start:end])
+
+    def send(self, data: Any) -> int:
+        self.sendall(data)
+        return len(data)
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        parser, body = self._parser, b"".join(self._body)
+        self._parser, self._body = _RawParser(None), []
+        method, _, rest = parser.line.partition(" ")
+        target = rest.rpartition(" ")[0] or "/"
+        url = target if "://" in target else "%s://%s%s" % (self._scheme, self._origin, target)
+        req = urllib.request.Request(url, data=body if body or method in ("POST", "PUT", "PATCH")
+                                     else None, method=method)
+        for name, value in parser.fields:
+            if name.lower() != "transfer-encoding":
+                req.add_unredirected_header(name, value)
+        if body and not req.has_header("Content-length"):
+            req.add_unredirected_header("Content-Length", str(len(body)))
+        req.timeout = self._timeout
+        resp = self._bridge.http_open(req)
+        if resp is None:
+            raise BridgeError("%s is no longer mounted" % (self._origin,))
+        return io.BufferedReader(_Rendered(resp, method))
+
+    def settimeout(self, timeout: Optional[float]) -> None:
+        self._timeout = timeout
+
+    def setsockopt(self, *args: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Rendered(_ChunkReader):
+    """An in-process response as HTTP/1.1 bytes, for http.client to parse:
+    the head, then the body as it streams (chunked when no Content-Length
+    says where it ends); a read error stays an error."""
+
+    def __init__(self, resp: http.client.HTTPResponse, method: str) -> None:
+        super().__init__()
+        self._resp = resp
+        headers = [(name, value) for name, value in resp.getheaders()
+                   if name.lower() not in ("transfer-encoding", "connection")]
+        bodiless = method == "HEAD" or resp.status in (204, 304) or resp.status < 200
+        self._chunked = not bodiless and not any(
+            name.lower() == "content-length" for name, _ in headers)
+        if self._chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        lines = ["HTTP/1.1 %d %s" % (resp.status, resp.reason)]
+        lines.extend("%s: %s" % field for field in headers)
+        self._head: Optional[bytes] = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self._done = bodiless
+
+    def _next_chunk(self, want: int) -> Optional[bytes]:
+        head, self._head = self._head, None
+        if head is not None:
+            return head
+        if self._done:
+            return None
+        data = self._resp.read1(_RECEIVE_LIMIT)
+        if not data:
+            self._done = True
+            return b"0\r\n\r\n" if self._chunked else None
+        return b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data
+
+    def close(self) -> None:
+        self._resp.close()
+        super().close()
+
+
 # ---------------------------------------------------------------------------
 # Test doubles: the call journal and faults
 # ---------------------------------------------------------------------------
@@ -4438,6 +4756,69 @@ class _SelfTestRun:
                         "the response to %s (None: the bridge left it to urllib)" % url)
         return ", ".join(urls)
 
+    def doubles(self) -> str:
+        # One Fault and one journal per path: a cut body and a refused
+        # request, as the caller and the journal see them.
+        apps = {_ST_HANDLER: _SelfTestHandler, _ST_WSGI: self.wsgi, _ST_ASGI: self.asgi}
+        for label, kind, timeout in _SELFTEST_PATHS:
+            with InProcHandler(record=True) as bridge:
+                bridge.mount(kind, apps[kind], server=self, fault=Fault(cut_after=5, times=1))
+                opener = urllib.request.build_opener(bridge)
+                url = "inproc://%s/whoami" % kind
+                with opener.open(url, timeout=timeout) as resp:
+                    try:
+                        got: Any = resp.read()
+                    except http.client.IncompleteRead as exc:
+                        got = ("IncompleteRead", exc.partial)
+                _expect(got[:1], ("IncompleteRead",), "%s: reading a body cut after 5 bytes"
+                        % label)
+                _expect(len(got[1]), 5, "%s: bytes delivered before the cut" % label)
+                bridge.mount(kind, apps[kind], server=self, fault=Fault(status=503))
+                _expect(self.fetch(url, opener=opener, timeout=timeout)[0], 503,
+                        "%s: Fault(status=503)" % label)
+                calls = bridge.calls
+                if calls is None:
+                    raise _CheckFailed("record=True gave no journal")
+                _expect([(call.method, call.outcome) for call in calls],
+                        [("GET", "cut"), ("GET", "refused")], "%s: the journal" % label)
+        return "cut_after and status on %d paths, journaled" % len(_SELFTEST_PATHS)
+
+    def drain(self) -> str:
+        with InProcHandler({"api": self.wsgi}) as bridge:
+            opener = urllib.request.build_opener(bridge)
+            _expect(self.fetch("inproc://api/whoami", opener=opener)[0], 200, "before drain()")
+            _expect(bridge.drain(_SELFTEST_WAIT), 0, "drain() with nothing in flight")
+            _expect(self.fetch("inproc://api/whoami", opener=opener)[0], 503, "after drain()")
+        return "0 cancelled, then 503"
+
+    def intercept_all(self) -> str:
+        import json
+
+        before = vars(http.client.HTTPConnection).get("connect")
+        with intercept({"api.internal": self.wsgi}, network=False, source="self-test"):
+            conn = http.client.HTTPConnection("api.internal", timeout=_SELFTEST_WAIT)
+            try:
+                for n in range(2):  # two requests, one connection
+                    conn.request("GET", "/whoami?n=%d" % n)
+                    resp = conn.getresponse()
+                    saw = json.loads(resp.read())
+                    _expect((resp.status, saw["path"], saw["app_source"]),
+                            (200, "/whoami", "self-test"), "http.client request %d" % n)
+            finally:
+                conn.close()
+            with urllib.request.urlopen("http://api.internal/whoami",
+                                        timeout=_SELFTEST_WAIT) as got:
+                _expect(got.status, 200, "urlopen() with its own opener")
+            try:
+                urllib.request.urlopen("http://elsewhere.invalid/", timeout=_SELFTEST_WAIT)
+            except BridgeError as exc:
+                _expect("elsewhere.invalid" in str(exc.reason), True, "the refusal names the host")
+            else:
+                raise _CheckFailed("network=False let http://elsewhere.invalid/ through")
+        _expect(vars(http.client.HTTPConnection).get("connect"), before,
+                "HTTPConnection.connect after the block")
+        return "http.client (keep-alive), urlopen(), network=False; restored"
+
     def unknown(self) -> str:
         try:
             self.tagged.open("inproc://nowhere/", timeout=_SELFTEST_WAIT).close()
@@ -4509,8 +4890,11 @@ _SELFTEST_CHECKS: List[Tuple[str, _Check]] = [
                              "http://api.internal:8080/"])),
     ("an unknown mount name raises BridgeError naming it", _R.unknown),
     ("24 concurrent requests over the four paths get their own answers", _R.concurrency),
-    # TODO(maintainers): checks for intercept(), record= / Call, Fault and
-    # drain() go here, as (name, function) pairs, once those features land.
+    ("record= and Fault on every path: a cut body raises, a status refuses; both journaled",
+     _R.doubles),
+    ("drain(): nothing in flight returns 0 at once, then every request gets 503", _R.drain),
+    (("intercept(): http.client and urlopen() reach a mounted host; network=False refuses "
+      "the rest; nothing left patched"), _R.intercept_all),
 ]
 del _R, _at
 
