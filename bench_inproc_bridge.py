@@ -9,6 +9,8 @@ Command::
     python bench_inproc_bridge.py --peers --only W1,W3   # with the in-process peers
     python bench_inproc_bridge.py --instructions    # instructions per request (callgrind)
     python bench_inproc_bridge.py --instructions --quick  # its smoke test for CI
+    python bench_inproc_bridge.py --record --only W1,W2   # what record=True costs
+    python bench_inproc_bridge.py --instructions --only W1 --columns wsgi,wsgi+rec
 
 One process, one run.  The same WSGI app and the equivalent
 ``BaseHTTPRequestHandler`` class are served two ways: in-process through
@@ -45,6 +47,23 @@ compared with uvicorn on 127.0.0.1 when uvicorn is importable, else with the
 wsgiref loopback baseline; the header says which.  Loopback requests pass
 ``timeout=5``, as callers of real sockets do; urllib opens a new connection
 per request either way.
+
+``--record`` adds a recorded twin of the "WSGI, no timeout", "WSGI,
+timeout=5", "handler class" and "ASGI app" columns: keys ``wsgi+rec``,
+``wsgi-t5+rec``, ``handler+rec`` and ``asgi+rec``, the same apps and timeouts
+on a second bridge built with ``record=True`` (its call journal keeps the
+last 1,000 calls, each with up to 64 KiB of either body), reached through a
+second opener built as the first is.  They take part in the same rotated
+rounds, and a "recording costs" table sets each against its column: the
+value without and with recording, the difference and the difference as a
+share.  At the end, every call in the journal must be complete with a 200,
+or the run fails.  Opt-in: they would make the full run half as long again.
+
+``--columns KEY,KEY`` measures only these columns, baselines (``wsgi-loop``,
+``handler-loop``, ``asgi-loop``) and peers (``peer-werkzeug``, ...; naming
+one measures it without ``--peers``), in either mode; a column's baseline
+runs only if it is named too (else "x loop" shows "-"), and naming a
+``+rec`` column implies ``--record``.
 
 ``--peers`` adds, when importable, the in-process test transports people use
 instead, for W1 and W3: Werkzeug's test client, httpx's ``WSGITransport`` and
@@ -96,7 +115,13 @@ counts do not depend on it) and ``--callgrind-dir`` keeps the output files for
 ``callgrind_annotate``.  The table gives each count as a share of its loopback
 baseline and of the ``data:`` floor, the peer table the bridge against each
 peer, and the targets rows whether the instruction targets of the
-performance issue are met.  Without valgrind it says so and exits 0.
+performance issue are met.  With ``--record`` (or a ``+rec`` key in
+``--columns``) the recorded twins are counted too and the "recording costs"
+table compares instructions per request; a recording child's warm-up is at
+least 1,000 requests, so the journal is full and each counted request also
+drops the oldest call, as on a bridge that has been recording for a while,
+and the child fails unless the journal then holds 1,000 complete calls.
+Without valgrind it says so and exits 0.
 
 Results, targets and tuning notes (moved here from README.rst)
 ================================================================
@@ -572,6 +597,7 @@ class Variant:
         self.label = label
         self.app = app  # "wsgi" or "handler"
         self.timeout = timeout
+        self.record = key.endswith(REC)  # served by the bridge built with record=True
         self.base = None
         self.open = None
 
@@ -599,14 +625,24 @@ BASELINES = (
     ("asgi-loop", "uvicorn loopback", "asgi", 5),  # only with uvicorn
 )
 BRIDGE_BASE = {"wsgi": "inproc://api", "handler": "inproc://h", "asgi": "inproc://asgi"}
+# The recorded twins (--record): these columns again, key + REC, served by a
+# second bridge built with record=True (and a second opener built the same
+# way); the "recording costs" table sets each against its twin.
+RECORDED = ("wsgi", "wsgi-t5", "handler", "asgi")
+REC = "+rec"
 
 
-def make_columns(uvicorn):
+def make_columns(uvicorn, record=False):
     """COLUMNS, with the ASGI column compared with wsgiref when there is no
-    uvicorn (the standard library has no ASGI server)."""
-    return [(key, label, app, timeout,
-             "wsgi-loop" if base == "asgi-loop" and not uvicorn else base)
-            for key, label, app, timeout, base in COLUMNS]
+    uvicorn (the standard library has no ASGI server), and with ``record``
+    each recorded twin right after its column."""
+    columns = []
+    for key, label, app, timeout, base in COLUMNS:
+        base = "wsgi-loop" if base == "asgi-loop" and not uvicorn else base
+        columns.append((key, label, app, timeout, base))
+        if record and key in RECORDED:
+            columns.append((key + REC, label + ", record", app, timeout, base))
+    return columns
 
 
 def make_variants(columns, uvicorn):
@@ -614,12 +650,22 @@ def make_variants(columns, uvicorn):
             + [Variant(*spec) for spec in BASELINES if uvicorn or spec[0] != "asgi-loop"])
 
 
-def bind_variants(variants, opener, servers):
+def make_bridge(record=False):
+    """A bridge serving the apps (with ``record``, built with record=True)
+    and an opener for it.  The first bridge's opener serves the loopback
+    baselines too, so both sides pay for the same handler chain; an empty
+    ProxyHandler keeps *_proxy variables off loopback."""
+    bridge = inproc_bridge.InProcHandler({"api": wsgi_app, "h": BenchHandler}, record=record)
+    return bridge, urllib.request.build_opener(urllib.request.ProxyHandler({}), bridge)
+
+
+def bind_variants(variants, opener, rec_opener, servers):
     loop_base = {"wsgi": servers.wsgi_url, "handler": servers.handler_url,
                  "asgi": servers.asgi_url}
     for v in variants:
         if not v.peer:
-            v.bind(opener, (loop_base if v.key.endswith("-loop") else BRIDGE_BASE)[v.app])
+            v.bind(rec_opener if v.record else opener,
+                   (loop_base if v.key.endswith("-loop") else BRIDGE_BASE)[v.app])
 
 
 # ---------------------------------------------------------------------------
@@ -1121,6 +1167,18 @@ def stop_bridge_workers(opener):
         inproc_bridge.WORKER_IDLE_SECONDS = saved
 
 
+def check_journal(calls, failures):
+    """The recording bridge's journal holds calls, each one complete with a
+    200: a journal that missed or mislabelled requests would make recording
+    look cheaper than it is.  A problem goes into ``failures``."""
+    bad = [call for call in calls if call.outcome != "complete" or call.status != 200]
+    if not len(calls):
+        failures["record"] = "the journal of the bridge built with record=True is empty"
+    elif bad:
+        failures["record"] = ("%d of the %d calls in the journal are not complete with a 200,"
+                              " e.g. %r" % (len(bad), len(calls), bad[0]))
+
+
 # ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
@@ -1196,18 +1254,20 @@ def build_rows(samples, failures, cfg, only, columns):
                 row["target"] = text
                 if b is not None:
                     ok = b >= limit if higher else b <= limit
-                    if min_ratio is not None:
-                        ok = ok and row["ratio"] is not None and row["ratio"] >= min_ratio
+                    if min_ratio is not None and ok:
+                        # No loopback (left out by --columns): not known, not missed.
+                        ok = None if row["ratio"] is None else row["ratio"] >= min_ratio
                     row["met"] = ok
             rows.append(row)
     return rows
 
 
-def build_peer_rows(samples, failures, cfg, only, peers, columns):
+def build_peer_rows(samples, failures, cfg, only, peers):
     """A row per peer and metric: the peer against the bridge's "WSGI, no
-    timeout" column, and an ASGI peer against the "ASGI app" column too."""
+    timeout" column, and an ASGI peer against the "ASGI app" column too
+    (``-`` if ``--columns`` left it out)."""
     labels = _labels(cfg)
-    column_label = {key: label for key, label, _, _, _ in columns}
+    column_label = {key: label for key, label, _, _, _ in COLUMNS}
     rows = []
     for metric, workload, label, unit, higher, fmt in METRICS:
         if workload not in only or workload not in PEER_WORKLOADS or metric == "W3.peak":
@@ -1294,7 +1354,7 @@ def print_table(rows):
         elif b is None:
             mark = "no data"
         elif row["met"] is None:
-            mark = ""
+            mark = "no loopback" if row["target"] else ""
         else:
             mark = "met" if row["met"] else "MISSED"
         lines.append((row["label"], row["unit"], row["column"],
@@ -1302,6 +1362,37 @@ def print_table(rows):
                       "-" if lo is None else fmt % lo,
                       "-" if row["ratio"] is None else "%.1fx" % row["ratio"],
                       spread, row["target"] or "-", mark))
+    _render(header, rows, lines, {3, 4, 5, 6})
+
+
+def build_record_rows(rows, metric, value):
+    """The "recording costs" rows, from the rows of either mode's table: a
+    row per metric and column whose recorded twin (``key + REC``) is there
+    too.  ``metric`` and ``value``: the keys of a row's metric and of its
+    median in that mode's rows."""
+    twins = {(row[metric], row["column_key"]): row for row in rows}
+    out = []
+    for row in rows:
+        twin = twins.get((row[metric], row["column_key"] + REC))
+        if twin is None:
+            continue
+        a, b = row[value], twin[value]
+        diff = b - a if a is not None and b is not None else None
+        out.append({"workload": row["workload"], "metric": row[metric], "label": row["label"],
+                    "unit": row["unit"], "column": row["column"],
+                    "column_key": row["column_key"], "without": a, "with": b,
+                    "difference": diff,
+                    "percent": diff / a * 100 if diff is not None and a else None})
+    return out
+
+
+def print_record_table(rows, fmt):
+    """The "recording costs" table; ``fmt(row, value, sign)`` formats a
+    value of the row, with ``sign="+"`` a signed one."""
+    header = ("workload", "unit", "column", "without", "with record", "difference", "%")
+    lines = [(r["label"], r["unit"], r["column"], fmt(r, r["without"], ""),
+              fmt(r, r["with"], ""), fmt(r, r["difference"], "+"),
+              "-" if r["percent"] is None else "%+.1f%%" % r["percent"]) for r in rows]
     _render(header, rows, lines, {3, 4, 5, 6})
 
 
@@ -1396,12 +1487,13 @@ def _openers_factory(v, cfg, warm):
     return {}
 
 
-def instruction_columns(uvicorn, peer_keys):
+def instruction_columns(uvicorn, peer_keys, record=False):
     """(key, label, kind, baseline key or None, workloads) for every column
-    of the instruction table: kind is "bridge", "loopback", "floor", "peer"
-    or "opener"; a peer's baseline is the bridge column it is compared with."""
+    of the instruction table, with ``record`` the recorded twins too: kind is
+    "bridge", "loopback", "floor", "peer" or "opener"; a peer's baseline is
+    the bridge column it is compared with."""
     cols = [(key, label, "bridge", base, ("W1", "W2"))
-            for key, label, _, _, base in make_columns(uvicorn)]
+            for key, label, _, _, base in make_columns(uvicorn, record)]
     cols += [(key, label + " *", "loopback", None, ("W1", "W2"))
              for key, label, _, _ in BASELINES if uvicorn or key != "asgi-loop"]
     cols.append(("data-url", "data: URL (urllib floor)", "floor", None, ("W1", "W2")))
@@ -1451,13 +1543,13 @@ def instructions_child(spec, warmup):
         return 1
     # One watchdog for the whole child: no watchdog thread per pass.
     faulthandler.dump_traceback_later(INSTR_CHILD_SECONDS, exit=True)
-    bridge = inproc_bridge.InProcHandler({"api": wsgi_app, "h": BenchHandler})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), bridge)
+    bridge, opener = make_bridge(record=key.endswith(REC))
     servers = None
     peers = []
     status = 0
     try:
-        specs = {key_: (label, app, timeout) for key_, label, app, timeout, _ in COLUMNS}
+        specs = {key_: (label, app, timeout)
+                 for key_, label, app, timeout, _ in make_columns(True, True)}
         specs.update((key_, (label, app, timeout)) for key_, label, app, timeout in BASELINES)
         if key in specs:
             v = Variant(key, *specs[key])
@@ -1488,10 +1580,22 @@ def instructions_child(spec, warmup):
                 return 3
             v = peers[0]
             func = v.funcs[workload]
+        if bridge.calls is not None:
+            # Fill the journal first: then each counted request drops the
+            # oldest call, as on a bridge that has been recording for a while.
+            warmup = max(warmup, bridge.calls.limit)
         counts = ("w1_requests", "w2_requests", "openers")
         func(v, dict.fromkeys(counts, warmup), False)  # exactly `warmup` requests
         gc.collect()
         func(v, dict.fromkeys(counts, k), False)  # exactly k requests
+        if bridge.calls is not None:
+            problems = {}
+            check_journal(bridge.calls, problems)
+            if len(bridge.calls) != bridge.calls.limit:
+                problems["record"] = "%d calls in the journal, want %d" % (
+                    len(bridge.calls), bridge.calls.limit)
+            if problems:
+                raise BenchFailure(problems["record"])
     except Exception as exc:
         result["error"] = "%s: %s" % (type(exc).__name__, exc)
         status = 1
@@ -1582,12 +1686,13 @@ def _fmt_ratio(value):
     return ("%.2fx" if value >= 0.1 else "%.3fx") % value
 
 
-def _fmt_ir(value):
+def _fmt_ir(value, sign=""):
+    # sign="+": signed, for a difference.
     if value is None:
         return "-"
     if abs(value) >= 1e6:
-        return "%.2fM" % (value / 1e6)
-    return "%.1fk" % (value / 1e3)
+        return ("%" + sign + ".2fM") % (value / 1e6)
+    return ("%" + sign + ".1fk") % (value / 1e3)
 
 
 def run_instructions(args, cfg, command, machine):
@@ -1618,9 +1723,9 @@ def run_instructions(args, cfg, command, machine):
             peer_notes.append("%s skipped: %s is not installed" % (label, dist))
         else:
             peer_keys.add(key)
-    columns = instruction_columns(uvicorn, peer_keys)
+    columns = instruction_columns(uvicorn, peer_keys, args.record)
     if args.columns:
-        known = {c[0] for c in instruction_columns(True, {p[0] for p in PEERS})}
+        known = {c[0] for c in instruction_columns(True, {p[0] for p in PEERS}, True)}
         unknown = sorted(set(args.columns) - known)
         if unknown:
             print("--columns: unknown %s; known: %s"
@@ -1756,6 +1861,18 @@ def run_instructions(args, cfg, command, machine):
         "of data:: over a data: URL opened through the same opener; spread: (max - min) / "
         "median over rounds." % ("uvicorn" if uvicorn else "wsgiref"), 80))
 
+    record_rows = build_record_rows(rows, "workload", "per_request")
+    if record_rows:
+        print()
+        print("Recording costs (record=True against the same column without it):")
+        print_record_table(record_rows, lambda row, value, sign: _fmt_ir(value, sign))
+        print()
+        print(textwrap.fill(
+            "without, with record: instructions per request as above; difference: with - "
+            "without, %%: of without.  A recording child's warm-up first fills the journal "
+            "(%d calls), so each counted request also drops the oldest call." %
+            inproc_bridge.RECORD_LIMIT, 80))
+
     peer_rows = []
     for row in rows:
         if row["kind"] != "peer":
@@ -1843,7 +1960,8 @@ def run_instructions(args, cfg, command, machine):
                   "module": {"path": module, "sha256": module_sha,
                              "changed_during_run": changed},
                   "peers": {"versions": versions, "notes": peer_notes},
-                  "rows": rows, "peer_rows": peer_rows, "targets": target_rows,
+                  "rows": rows, "record_rows": record_rows, "peer_rows": peer_rows,
+                  "targets": target_rows,
                   "failures": failures, "skipped": skipped, "seconds": elapsed}
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -1870,6 +1988,15 @@ def parse_args(argv):
     parser.add_argument("--peers", action="store_true",
                         help="also measure the in-process peers that are importable "
                         "(werkzeug, httpx, wsgi-intercept) on W1 and W3")
+    parser.add_argument("--record", action="store_true",
+                        help="also measure %s again on a bridge built with record=True "
+                        "(keys %s; naming one in --columns implies it) and report what "
+                        "recording costs" % (", ".join(RECORDED),
+                                             ",".join(key + REC for key in RECORDED)))
+    parser.add_argument("--columns", metavar="KEY,KEY",
+                        help="only these columns, baselines and peers (e.g. "
+                        "wsgi,wsgi+rec,handler-loop,peer-werkzeug); a column's baseline "
+                        "runs only if named")
     group = parser.add_argument_group(
         "instruction counts", "count instructions per request with valgrind's callgrind "
         "instead of timing (W1, W2 and OP, openers built; the peers are implied)")
@@ -1877,8 +2004,6 @@ def parse_args(argv):
                        help="run each column under callgrind with N and 2N requests and "
                        "report (I(2N) - I(N)) / N (default N: %d, or %d with --quick)"
                        % (INSTR_N, INSTR_N_QUICK))
-    group.add_argument("--columns", metavar="KEY,KEY",
-                       help="only these columns (e.g. wsgi,handler-loop,peer-werkzeug)")
     group.add_argument("--jobs", type=int, default=1, metavar="J",
                        help="children run side by side (default 1; counts do not depend "
                        "on it)")
@@ -1909,6 +2034,7 @@ def parse_args(argv):
         args.only = list(allowed)
     if args.columns:
         args.columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+        args.record = args.record or any(c.endswith(REC) for c in args.columns)
     return args
 
 
@@ -1932,7 +2058,20 @@ def main(argv=None):
     if args.instructions is not None:
         return run_instructions(args, cfg, command, machine)
     uvicorn = uvicorn_available()
-    columns = make_columns(uvicorn)
+    columns = make_columns(uvicorn, args.record)
+    variants = make_variants(columns, uvicorn)
+    peer_keys = {key for key, *_ in PEERS}
+    if args.columns:
+        known = ({key for key, *_ in make_columns(True, True)}
+                 | {key for key, *_ in BASELINES} | peer_keys)
+        unknown = sorted(set(args.columns) - known)
+        if unknown:
+            print("--columns: unknown %s; known: %s"
+                  % (", ".join(unknown), ", ".join(sorted(known))))
+            return 2
+        columns = [c for c in columns if c[0] in args.columns]
+        variants = [v for v in variants if v.key in args.columns]
+        peer_keys &= set(args.columns)
     asgi_base = asgi_baseline(uvicorn)
 
     print("inproc_bridge %s benchmark: bridge vs urllib over loopback" % machine["inproc_bridge"])
@@ -1946,9 +2085,9 @@ def main(argv=None):
     print("ASGI:     baseline %s" % asgi_base)
 
     peers, peer_notes, peer_versions = [], [], {}
-    if args.peers:
+    if peer_keys and (args.peers or args.columns):  # naming a peer in --columns runs it
         if any(w in PEER_WORKLOADS for w in args.only):
-            peers, peer_notes = make_peers()
+            peers, peer_notes = make_peers(peer_keys)
             peer_versions = {peer.dist: dist_version(peer.dist) for peer in peers}
             print("peers:    %s" % (", ".join("%s %s" % item for item in peer_versions.items())
                                     or "none importable"))
@@ -1960,30 +2099,35 @@ def main(argv=None):
     print()
     sys.stdout.flush()
 
-    bridge = inproc_bridge.InProcHandler({"api": wsgi_app, "h": BenchHandler})
-    # One opener for every variant, so both sides pay for the same handler
-    # chain; an empty ProxyHandler keeps *_proxy variables off loopback.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), bridge)
-    variants = make_variants(columns, uvicorn) + peers
+    bridges = [make_bridge()]
+    if any(v.record for v in variants):
+        bridges.append(make_bridge(record=True))
+    opener, rec_opener = bridges[0][1], bridges[-1][1]
+    variants += peers
+    loops = {v.app for v in variants if v.key.endswith("-loop")}
     samples = {}
     failures = {}
     started = time.perf_counter()
     try:
-        try:
-            bridge.mount("asgi", asgi_app)  # starts the bridge's event loop, runs the lifespan
-        except Exception as exc:
-            failures["mount asgi"] = "%s: %s" % (type(exc).__name__, exc)
+        for bridge, _ in bridges:
+            try:
+                bridge.mount("asgi", asgi_app)  # starts its event loop, runs the lifespan
+            except Exception as exc:
+                failures["mount asgi"] = "%s: %s" % (type(exc).__name__, exc)
         for name in args.only:
             t0 = time.perf_counter()
-            with LoopbackServers(uvicorn) as servers:
-                bind_variants(variants, opener, servers)
+            with LoopbackServers("asgi" in loops, tuple(loops - {"asgi"})) as servers:
+                bind_variants(variants, opener, rec_opener, servers)
                 run_workload(name, variants, cfg, samples, failures)
             print("[%s done in %.1f s]" % (name, time.perf_counter() - t0),
                   file=sys.stderr, flush=True)
     finally:
         _guarded(cfg["watchdog"], stop_bridge_workers, opener)
-        _guarded(cfg["watchdog"], bridge.close)  # stops the ASGI event-loop thread
+        for bridge, _ in bridges:
+            _guarded(cfg["watchdog"], bridge.close)  # stops the ASGI event-loop thread
         close_peers(peers)
+    if len(bridges) > 1:
+        check_journal(bridges[1][0].calls, failures)
 
     rows = build_rows(samples, failures, cfg, args.only, columns)
     print_table(rows)
@@ -1995,7 +2139,19 @@ def main(argv=None):
         % ("uvicorn" if uvicorn else "wsgiref, as there is no stdlib ASGI server"), 80))
     if args.quick:
         print("--quick: sizes are smaller than the targets assume; treat marks as a smoke test.")
-    peer_rows = build_peer_rows(samples, failures, cfg, args.only, peers, columns)
+    record_rows = build_record_rows(rows, "metric", "bridge")
+    if record_rows:
+        formats = {metric: fmt for metric, *_, fmt in METRICS}
+        print()
+        print("Recording costs (record=True against the same column without it):")
+        print_record_table(record_rows, lambda row, value, sign: "-" if value is None else
+                           formats[row["metric"]].replace("%", "%" + sign) % value)
+        print()
+        print(textwrap.fill(
+            "without, with record: the medians above, measured in the same rotated rounds; "
+            "difference: with - without, %: of without.  For MiB/s and req/s the cost is a "
+            "negative difference; a difference within the spread above is noise.", 80))
+    peer_rows = build_peer_rows(samples, failures, cfg, args.only, peers)
     if peer_rows:
         print()
         print_peer_table(peer_rows)
@@ -2028,6 +2184,7 @@ def main(argv=None):
                   "mode": "quick" if args.quick else "full", "workloads": args.only,
                   "asgi_baseline": asgi_base,
                   "rows": [{k: v for k, v in row.items() if k != "format"} for row in rows],
+                  "record_rows": record_rows,
                   "peers": {"versions": peer_versions, "notes": peer_notes,
                             "rows": [{k: v for k, v in row.items() if k != "format"}
                                      for row in peer_rows]},

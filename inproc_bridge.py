@@ -1189,6 +1189,13 @@ class _RawParser:
                 if not self.left and self.state != "close":
                     self.state = "done" if self.state == "data" else "crlf"
                 continue
+            if self.state == "head" and not self._line:
+                end = data.find(b"\r\n\r\n", at)
+                if end >= 0:  # a whole head, as http.server flushes it: all lines at once
+                    self._lines.extend(data[at:end].split(b"\r\n"))
+                    at = end + 4
+                    self._framing()
+                    continue
             newline = data.find(b"\n", at)
             if newline < 0:
                 self._line += data[at:]
@@ -1214,19 +1221,25 @@ class _RawParser:
 
     def _framing(self) -> None:
         lines, self._lines = self._lines, []
-        fields = [tuple(part.strip().decode("latin-1") for part in line.split(b":", 1))
-                  for line in lines[1:] if b":" in line]
-        first = {name.lower(): value for name, value in reversed(fields)}
+        fields: List[Tuple[str, str]] = []
+        first: Dict[str, str] = {}  # the first of each framing header
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if colon:
+                field = (name.strip().decode("latin-1"), value.strip().decode("latin-1"))
+                fields.append(field)
+                lower = field[0].lower()
+                if lower in ("content-length", "transfer-encoding") and lower not in first:
+                    first[lower] = field[1]
         self.line = lines[0].decode("latin-1") if lines else ""
-        self.fields = cast(List[Tuple[str, str]], fields)
+        self.fields = fields
         code = 0
         if self.method is not None:
             status = lines[0].split(None, 2) if lines else []
             code = int(status[1]) if len(status) > 1 and status[1].isdigit() else 0
             if 100 <= code < 200:
                 return  # an interim head: the real one follows
-            self.head = (code, status[2].decode("latin-1") if len(status) > 2 else "",
-                         cast(List[Tuple[str, str]], fields))
+            self.head = (code, status[2].decode("latin-1") if len(status) > 2 else "", fields)
         length = first.get("content-length", "")
         if first.get("transfer-encoding", "").lower() == "chunked":
             self.state = "size"
@@ -1271,7 +1284,8 @@ def _wire_headers(req: urllib.request.Request) -> List[Tuple[str, str]]:
     order, checked as http.client checks it."""
     headers = dict(req.unredirected_hdrs)
     headers.update({k: v for k, v in req.headers.items() if k not in headers})
-    headers["Connection"] = "close"
+    if type(req) is not _RawRequest:
+        headers["Connection"] = "close"  # what urllib's do_open sends
     lines: List[Tuple[str, str]] = []
     host = encoding = True
     for name in headers:
@@ -1572,6 +1586,7 @@ class _HandlerRun:
         if exchange.call is not None or exchange.fault is not None:
             exchange.parser = _RawParser(exchange.method)
         self.capture: Optional[Call] = None  # the journal's call, for a streamed body
+        self.stream = False  # the body is a file or an iterable: never held back
         self.launched = False
 
     # -- the caller's side ---------------------------------------------------
@@ -1582,11 +1597,13 @@ class _HandlerRun:
             self.capture._took_raw(data if type(data) is bytes else memoryview(data).tobytes())
         if pipe is None:
             data = data if type(data) is bytes else memoryview(data).tobytes()
-            if self.held_size + len(data) <= _HOLD_LIMIT:
+            if self.held_size + len(data) <= _HOLD_LIMIT and not self.stream:
                 self.held.append(data)
                 self.held_size += len(data)
                 return
-            # Too big to hold: the app starts reading while the rest arrives.
+            # Too big to hold, or a body that streams (its producer may wait
+            # for the app, as over TCP): the app starts reading while the
+            # rest arrives.
             pipe = self.inbound = BodyPipe(write_timeout=self.timeout)
             held, self.held = self.held, []
             for part in held:
@@ -1746,11 +1763,24 @@ class _Connection(http.client.HTTPConnection):
             super().putheader(header, *values)
 
 
+def _serve_raw(request: _Request, entry: _Entry, exchange: _Exchange, ctx: contextvars.Context,
+               raw: bytes) -> _HandlerRun:
+    # A request intercept() takes off an http.client connection, byte for
+    # byte, from its head on: the handler class reads what the client sends
+    # as it sends it, the client parses what the handler writes, as over TCP.
+    run = _HandlerRun(entry, exchange, ctx, request.timeout)
+    run.stream = True
+    run.capture = exchange.call  # the journal follows the bytes
+    run.send(raw)
+    return run
+
+
 def _serve_handler(bridge: InProcHandler, table: _Mounts, request: _Request, entry: _Entry,
                    exchange: _Exchange, ctx: contextvars.Context) -> _Response:
     run = _HandlerRun(entry, exchange, ctx, request.timeout)
     if isinstance(request.body, _RequestBody):
         run.capture = exchange.call  # http.client sends it: the journal follows the bytes
+        run.stream = True
     return urllib.request.AbstractHTTPHandler.do_open(  # type: ignore[return-value]
         bridge, _Connection, request.req, run=run)  # type: ignore[arg-type]
 
@@ -3538,7 +3568,7 @@ class InProcHandler(urllib.request.BaseHandler):
         entry = self._mounts.find(req.host, "inproc")
         if entry is None:
             raise BridgeError("no in-process app is mounted as %r" % (req.host,))
-        return self._serve(req, entry)
+        return self._serve(req, entry)  # type: ignore[no-any-return]
 
     def http_open(self, req: urllib.request.Request) -> Optional[http.client.HTTPResponse]:
         """Serve an ``http(s)://`` request in-process when interception is on
@@ -3551,7 +3581,7 @@ class InProcHandler(urllib.request.BaseHandler):
             return None  # not a name we could have mounted: the network's
         if entry is None:
             return None
-        return self._serve(req, entry)
+        return self._serve(req, entry)  # type: ignore[no-any-return]
 
     https_open = http_open
 
@@ -3647,7 +3677,25 @@ class InProcHandler(urllib.request.BaseHandler):
         except BridgeError:
             return False
 
-    def _serve(self, req: urllib.request.Request, entry: _Entry) -> http.client.HTTPResponse:
+    def serve_raw(self, req: urllib.request.Request, raw: bytes, whole: bool) -> Any:
+        """Serve a request ``intercept()`` takes off an ``http.client``
+        connection (``req`` its parsed head, ``raw`` its bytes so far, all of
+        it when ``whole``): a handler class starts on its head and reads the
+        rest as it comes (the ``_HandlerRun`` is returned); other apps wait
+        for the whole request (``False`` until then) and give a response.
+        ``None``: not mounted here."""
+        try:
+            entry = self._mounts.find(req.host, req.type)
+        except BridgeError:
+            return None
+        if entry is None:
+            return None
+        if entry.kind != "handler" and not whole:
+            return False
+        return self._serve(req, entry, raw if entry.kind == "handler" else None)
+
+    def _serve(self, req: urllib.request.Request, entry: _Entry,
+               raw: Optional[bytes] = None) -> Any:
         request = _Request(req)
         exchange = _Exchange(entry.name, self.source, self.actor, request.method)
         journal = self.calls
@@ -3670,6 +3718,8 @@ class InProcHandler(urllib.request.BaseHandler):
         exchange.table = table
         table.live.add(exchange)
         try:
+            if raw is not None:
+                return _serve_raw(request, entry, exchange, ctx, raw)
             return entry.serve(self, table, request, entry, exchange, ctx)
         except BaseException:
             exchange.leave()  # no response for the caller to close: not in flight
@@ -3955,6 +4005,12 @@ def intercept(apps: Any = None, *, network: bool = True, source: Optional[str] =
             bridge.close()
 
 
+class _RawRequest(urllib.request.Request):
+    """A request ``intercept()`` took off an ``http.client`` connection:
+    its headers are what the client sent (no ``Connection: close`` added,
+    as urllib's own requests get)."""
+
+
 class _InterceptSocket:
     """What an ``HTTPConnection`` to a mounted host gets as its socket: the
     request it writes is gathered, served by the bridge when http.client
@@ -3969,34 +4025,90 @@ class _InterceptSocket:
         self._timeout = timeout
         self._parser = _RawParser(None)
         self._body: List[bytes] = []
+        self._raw: List[bytes] = []
+        self._answer: Any = None  # what serve_raw() gave for the request under way
+        self._inbox: Optional[BodyPipe] = None  # its body, for an app on a worker
 
     def sendall(self, data: Any) -> None:
         data = data if type(data) is bytes else memoryview(data).tobytes()
-        for start, end in self._parser.feed(data):
-            self._body.append(data[start:end])
+        spans = self._parser.feed(data)
+        answer = self._answer
+        if isinstance(answer, _HandlerRun):
+            answer.send(data)  # a handler class reads it as it comes
+        elif isinstance(answer, _HeadSlot):
+            for start, end in spans:  # another app reads its body on a worker
+                self._inbox.write(data[start:end])  # type: ignore[union-attr]
+            if self._parser.state == "done":
+                self._inbox.close_writer()  # type: ignore[union-attr]
+        elif answer is None:
+            self._raw.append(data)
+            self._body.extend(data[start:end] for start, end in spans)
+            if self._parser.state not in ("head", "done"):
+                self._begin()
+        # (else answered already -- a 503, a Fault's status: the body is dropped)
+
+    def _begin(self) -> None:
+        # The head is in and a body follows: the app starts now, as over TCP.
+        # A handler class reads the raw bytes; another app gets the body
+        # through a pipe this thread fills, and is served on a worker (the
+        # caller's thread is still busy sending), its answer waiting in a slot.
+        answer = self._bridge.serve_raw(self._request(), b"".join(self._raw), False)
+        if answer is not False:
+            self._answer = answer
+            return
+        inbox = self._inbox = BodyPipe(write_timeout=_effective_timeout(self._timeout))
+        req = self._request(iter(functools.partial(inbox.read, _RECEIVE_LIMIT), b""))
+        slot = self._answer = _HeadSlot()
+        raw = b"".join(self._raw)
+
+        def serve() -> None:
+            try:
+                slot.put(self._bridge.serve_raw(req, raw, True))
+            except BaseException as exc:  # noqa: BLE001 - the caller's, at getresponse()
+                slot.put(exc)
+
+        ctx = contextvars.copy_context()
+        _workers.submit(lambda: ctx.run(serve))
+        for part in self._body:
+            inbox.write(part)
 
     def send(self, data: Any) -> int:
         self.sendall(data)
         return len(data)
 
-    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
-        parser, body = self._parser, b"".join(self._body)
-        self._parser, self._body = _RawParser(None), []
+    def _request(self, body: Any = None) -> _RawRequest:
+        parser = self._parser
         method, _, rest = parser.line.partition(" ")
         target = rest.rpartition(" ")[0] or "/"
         url = target if "://" in target else "%s://%s%s" % (self._scheme, self._origin, target)
-        req = urllib.request.Request(url, data=body if body or method in ("POST", "PUT", "PATCH")
-                                     else None, method=method)
+        chunked = any(name.lower() == "transfer-encoding" and "chunked" in value.lower()
+                      for name, value in parser.fields)
+        if body is None:
+            whole = b"".join(self._body)
+            body = [whole] if chunked else whole or None
+        # A chunked body stays one (an app sees no Content-Length, as over TCP).
+        req = _RawRequest(url, data=body, method=method)
         for name, value in parser.fields:
-            if name.lower() != "transfer-encoding":
-                req.add_unredirected_header(name, value)
-        if body and not req.has_header("Content-length"):
-            req.add_unredirected_header("Content-Length", str(len(body)))
+            req.add_unredirected_header(name, value)
         req.timeout = self._timeout
-        resp = self._bridge.http_open(req)
-        if resp is None:
+        return req
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        answer, method = self._answer, self._parser.line.partition(" ")[0]
+        if answer is None:
+            answer = self._bridge.serve_raw(self._request(), b"".join(self._raw), True)
+        elif isinstance(answer, _HeadSlot):
+            answer = answer.take(None)  # the worker's: a response, or what it raised
+            if isinstance(answer, BaseException):
+                raise answer
+        self._parser, self._body, self._raw, self._answer = _RawParser(None), [], [], None
+        self._inbox = None
+        if answer is None:
             raise BridgeError("%s is no longer mounted" % (self._origin,))
-        return io.BufferedReader(_Rendered(resp, method))
+        if isinstance(answer, _HandlerRun):
+            answer.end_request()
+            return io.BufferedReader(answer.exchange.pipe)  # type: ignore[arg-type]
+        return io.BufferedReader(_Rendered(answer, method))
 
     def settimeout(self, timeout: Optional[float]) -> None:
         self._timeout = timeout

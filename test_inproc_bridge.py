@@ -16,6 +16,7 @@ import http.client
 import http.cookiejar
 import http.server
 import importlib
+import inspect
 import io
 import itertools
 import json
@@ -30,6 +31,7 @@ import select
 import signal
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import threading
@@ -8034,6 +8036,1241 @@ def test_remote_mount_and_trusted_refuse_a_key_that_is_not_bytes(key, how):
 def test_trusted_refuses_a_max_age_that_is_not_positive(max_age):
     with pytest.raises(ValueError, match="max_age"):
         ib.trusted(_plain_app([]), KEY, max_age=max_age)
+
+
+# ---------------------------------------------------------------------------
+# Interception: every urllib opener and http.client connection
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Interception: ib.intercept()
+# ---------------------------------------------------------------------------
+# What these tests take as given where the SPEC is silent (the choices a user of
+# http.client and urllib would expect):
+# - Clients.  "http.client" is http.client.HTTPConnection or HTTPSConnection
+#   (the URL's scheme picks it; HTTPS with ssl.create_default_context());
+#   "urlopen" is urllib.request.urlopen(url, context=...), which builds its own
+#   opener; "opener" is an opener built with build_opener() BEFORE the block.
+#   Every behaviour that every app kind shares runs on each of them.
+# - What http.client shows: the response is an http.client.HTTPResponse (a
+#   subclass counts), with status, reason, headers and read() as over TCP;
+#   several requests (HEAD included) go over one HTTPConnection object one
+#   after the other, as keep-alive does; a subclass of HTTPConnection that
+#   overrides nothing is served as HTTPConnection is.  A timeout before the head
+#   is raised by getresponse() (request() of a GET returns: over TCP a server
+#   that accepted the connection and is slow does not make send() fail).
+# - "As over TCP" for http.client: a handler class mounted in the block reads
+#   the request line, headers and raw body that it reads behind a loopback
+#   server (no header http.client did not send, e.g. no Connection: close; a
+#   chunked body stays chunked), and http.client shows the same status,
+#   reason, headers (less _NOT_COMPARED) and body for what the handler sends.
+# - Request bodies stream on http.client as on urllib: the app reads the first
+#   part before the caller has produced the rest.  Tested on the kinds with a
+#   timeout only: WSGI in the caller's thread cannot run while the caller is
+#   still inside request().
+# - A timeout is socket.timeout (TimeoutError on 3.10+), never a URLError, on
+#   the urllib paths as on http.client; the app then sees cancelled() set.
+# - A status >= 400 is an HTTPError on the urllib paths and a plain response on
+#   http.client (http.client never raises for a status); an app failing before
+#   its head answers 500 on both.
+# - network=False: the BridgeError names the host (the port may follow); for
+#   http.client it comes from request() or connect(), and conn.sock stays None.
+#   intercept() with no apps and network=False is the "nothing leaves the
+#   machine" switch.  A redirect from an in-process app to a host no block
+#   mounts is refused the same way (the redirect would be a new connection).
+# - intercept(handler) serves the handler's own mount table, so mounts and
+#   unmounts made on that handler (or on the factory given to intercept(factory))
+#   inside the block act at once, as a factory's openers see later mounts.
+#   The object the block yields is an InProcHandler in every case (for
+#   intercept(handler) it need not be the handler itself).
+# - A mount name that mount() refuses is refused by intercept({...}) with the
+#   same ValueError (as InProcHandler({...}) refuses it), before anything is
+#   patched.  Arguments after apps are keyword-only (TypeError otherwise).
+# - Nesting: a host an outer block mounts and the inner one does not is served
+#   by the outer block; a host no active block mounts follows the innermost
+#   block's network.  An exception (a BaseException too) leaves the block with
+#   everything restored, and is the same exception object.
+# - Restoration is checked by identity over every attribute of the classes and
+#   modules a patch could touch (_ICPT_WATCHED), minus __warningregistry__ (a
+#   warning may add one to any module): after the outermost block, and after an
+#   import of inproc_bridge alone (in a fresh interpreter), nothing differs.
+#   urllib's own global opener is left alone by these tests (a bare urlopen()
+#   installs one the first time); tests that call urlopen() without a context
+#   reset it with monkeypatch.
+# - An opener or connection made INSIDE the block and used after it goes to the
+#   network, as one made after the block would.
+# - record=True: call.url is the http(s) URL of the request as urllib would
+#   write it ("http://api.internal/v1?x=1"; no default port); call.mount the
+#   name the app was mounted as; hosts that went to the network are not calls.
+#   Without record= the block's bridge has calls None, as InProcHandler has.
+# - The block's own bridge (made from a mapping) may be closed by the block or
+#   not: these tests close it afterwards themselves (close() is idempotent).
+# - Environment proxies: tests that reach the loopback server through urllib
+#   clear the *_proxy variables (a CI machine may set them).
+# - Optional SDK: slack_sdk's WebClient(ssl=ctx) calls urlopen(req,
+#   context=ctx, timeout=...) (slack_sdk/web/base_client.py 3.47.0); the
+#   frameworks venv needs slack-sdk for it (.ci/run pins).
+
+# Hosts the apps of this section are mounted as.
+_ICPT_HOST = "api.internal"
+_ICPT_HOST_RE = re.escape(_ICPT_HOST)
+_ICPT_LOOPBACK = re.escape("127.0.0.1")  # what a BridgeError for the loopback server names
+# The paths every shared behaviour runs on: (client, scheme).
+_ICPT_PATHS = [pytest.param("http.client", "http", id="HTTPConnection"),
+               pytest.param("http.client", "https", id="HTTPSConnection"),
+               pytest.param("urlopen", "https", id="urlopen-context"),
+               pytest.param("opener", "http", id="opener-built-before")]
+# Short enough to make a timeout test quick, long enough for a loaded machine
+# to hand over a chunk that is ready.
+_ICPT_SHORT = 0.25
+# Everything a patch for interception could touch: each module's and each
+# class's own attributes are compared by identity before and after.
+_ICPT_WATCHED = (
+    "http.client", "http.client.HTTPConnection", "http.client.HTTPSConnection",
+    "http.client.HTTPResponse", "urllib.request", "urllib.request.OpenerDirector",
+    "urllib.request.BaseHandler", "urllib.request.AbstractHTTPHandler",
+    "urllib.request.HTTPHandler", "urllib.request.HTTPSHandler",
+    "urllib.request.ProxyHandler", "urllib.request.HTTPRedirectHandler",
+    "urllib.request.HTTPErrorProcessor", "urllib.request.Request", "socket", "socket.socket",
+    "ssl", "ssl.SSLContext", "ssl.SSLSocket", "xmlrpc.client", "xmlrpc.client.Transport",
+)
+_ICPT_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
+                    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+def _icpt_resolve(dotted):
+    """The module or class named ``dotted`` (stdlib only)."""
+    import importlib
+
+    try:
+        return importlib.import_module(dotted)
+    except ImportError:
+        module, _, name = dotted.rpartition(".")
+        return getattr(_icpt_resolve(module), name)
+
+
+def _icpt_snapshot(watched):
+    """{(owner, attribute): value} of every attribute of each watched owner."""
+    return {(dotted, name): value for dotted in watched
+            for name, value in vars(_icpt_resolve(dotted)).items()
+            if name != "__warningregistry__"}
+
+
+def _icpt_changes(before, after):
+    """The attributes added, removed or rebound between two snapshots."""
+    missing = object()
+    return sorted("%s.%s" % key for key in before.keys() | after.keys()
+                  if before.get(key, missing) is not after.get(key, missing))
+
+
+def _icpt_unpatched(before):
+    """What differs now from ``before`` (an _icpt_snapshot())."""
+    return _icpt_changes(before, _icpt_snapshot(_ICPT_WATCHED))
+
+
+@functools.lru_cache(maxsize=None)
+def _icpt_tls():
+    """One TLS context, as SDKs pass one (made once: it loads the CA store)."""
+    return ssl.create_default_context()
+
+
+class _IcptConnection(http.client.HTTPConnection):
+    """A subclass defined before any block, as client libraries define theirs."""
+
+    made_by = "a client library"
+
+
+class _IcptStamp(urllib.request.BaseHandler):
+    """A processor that marks every request of its opener (X-Stamp)."""
+
+    def __init__(self, stamp):
+        self.stamp = stamp
+
+    def http_request(self, req):
+        req.add_unredirected_header("X-Stamp", self.stamp)
+        return req
+
+    https_request = http_request
+
+
+def _icpt_no_proxies(monkeypatch):
+    for name in _ICPT_PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@contextlib.contextmanager
+def _icpt_block(apps, **kwargs):
+    """ib.intercept(apps, **kwargs); its bridge is closed after the block."""
+    bridge = None
+    try:
+        with ib.intercept(apps, **kwargs) as bridge:
+            yield bridge
+    finally:
+        if bridge is not None:
+            bridge.close()
+
+
+@contextlib.contextmanager
+def _icpt_open(client, url, timeout=WAIT, opener=None, method="GET", body=None, headers=()):
+    """The response to one request for ``url`` made through ``client``
+    ("http.client", "urlopen" or "opener", which uses ``opener``); closed
+    (its connection too) afterwards.  urllib raises HTTPError for >= 400."""
+    headers = dict(headers)
+    if client == "http.client":
+        parts = urllib.parse.urlsplit(url)  # the host as written: its case, its port
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(parts.netloc, timeout=timeout,
+                                               context=_icpt_tls())
+        else:
+            conn = http.client.HTTPConnection(parts.netloc, timeout=timeout)
+        try:
+            conn.request(method, urllib.parse.urlunsplit(("", "", parts.path or "/",
+                                                          parts.query, "")),
+                         body=body, headers=headers)
+            with conn.getresponse() as resp:
+                yield resp
+        finally:
+            conn.close()
+        return
+    req = urllib.request.Request(url, data=body, headers=headers, method=method)
+    if client == "urlopen":
+        resp = urllib.request.urlopen(req, timeout=timeout, context=_icpt_tls())
+    elif client == "opener":
+        resp = opener.open(req, timeout=timeout)
+    else:
+        raise ValueError("unknown client %r" % (client,))
+    with resp:
+        yield resp
+
+
+def _icpt_get(client, url, timeout=WAIT, opener=None, **kwargs):
+    """The body of the response to ``url`` through ``client``."""
+    with _icpt_open(client, url, timeout, opener, **kwargs) as resp:
+        return resp.read()
+
+
+class _IcptServer(_LoopbackHTTPServer):
+    """A loopback server that counts the connections it accepted."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.accepts = 0
+        self.base = "http://127.0.0.1:%d" % self.server_address[1]
+        self.name = "127.0.0.1:%d" % self.server_address[1]  # as a mount name
+
+    def get_request(self):
+        pair = super().get_request()
+        self.accepts += 1
+        return pair
+
+
+class _IcptNetHandler(QuietHandler):
+    """What the network answers: b"net"."""
+
+    def do_GET(self):
+        _respond(self, body=b"net", headers=[("Content-Type", "text/plain")])
+
+
+@contextlib.contextmanager
+def _icpt_loopback(handler=_IcptNetHandler):
+    """A counting loopback server serving ``handler``; shut down afterwards."""
+    server = _IcptServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT)
+        assert not thread.is_alive(), "the loopback server thread did not stop"
+
+
+def _icpt_net(server):
+    """GET the loopback server's root over the network (no proxies): its body.
+    The server handles connections in the order they arrived, so once this
+    returns, every connection made before it has been counted."""
+    with _net_opener().open(server.base + "/", timeout=WAIT) as resp:
+        return resp.read()
+
+
+def _icpt_dead_port():
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _icpt_echo(seen=None):
+    """logic: 200 and b"in-process <target>"; ``seen`` records each request."""
+
+    def logic(req):
+        if seen is not None:
+            seen.append(req)
+        out = b"in-process " + req.target.encode("latin-1")
+        return 200, [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))], (
+            [] if req.method == "HEAD" else [out])
+
+    return logic
+
+
+def _icpt_wsgi(body=b"in-process"):
+    return make_app("wsgi-inline", _answer(body=body))
+
+
+# ---------------------------------------------------------------------------
+# Real clients written by others
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/1.0", "HTTP/1.1"])
+def test_intercept_xmlrpc_server_proxy_with_its_default_transport(protocol):
+    """xmlrpc.client.ServerProxy as it comes (its Transport speaks
+    http.client) against SimpleXMLRPCRequestHandler mounted in the block:
+    the same answers as over loopback, every call on one HTTPConnection."""
+    with _rpc_server(bind=True) as net_server:
+        port = net_server.server_address[1]
+        with xmlrpc.client.ServerProxy("http://127.0.0.1:%d/" % port, allow_none=True) as proxy:
+            expected = _rpc_session(proxy)
+    handler = type("IcptRPCHandler", (xmlrpc.server.SimpleXMLRPCRequestHandler,),
+                   {"protocol_version": protocol})
+    with _rpc_server(bind=False) as server, _icpt_block(None, source=ib.SOURCE_AGENTS,
+                                                        network=False) as bridge:
+        bridge.mount("rpc.internal", handler, server=server)
+        with xmlrpc.client.ServerProxy("http://rpc.internal/", allow_none=True) as proxy:
+            assert proxy.pow(2, 3) == 8
+            # xmlrpc's Transport keeps its HTTPConnection in _connection
+            conn = proxy("transport")._connection[1]
+            assert isinstance(conn, http.client.HTTPConnection)
+            got = _rpc_session(proxy)
+            assert proxy.source() == "agents"
+            assert proxy("transport")._connection[1] is conn
+    assert got == expected
+    assert expected[0] == 1024 and expected[2] == 3.5
+
+
+def test_intercept_http_client_get(app_kind):
+    seen = []
+
+    def logic(req):
+        seen.append((req.method, req.target, req.headers["Host"], req.headers["X-A"]))
+        return 201, [("Content-Type", "text/plain"), ("X-B", "c")], [b"got ", req.target.encode()]
+
+    timeout = KIND_TIMEOUT[app_kind]
+    with _icpt_block({_ICPT_HOST: make_app(app_kind, logic)}, network=False):
+        for conn in (http.client.HTTPConnection(_ICPT_HOST, timeout=timeout),
+                     _IcptConnection(_ICPT_HOST, timeout=timeout)):
+            try:
+                conn.request("GET", "/v1?x=1", headers={"X-A": "b"})
+                resp = conn.getresponse()
+                assert isinstance(resp, http.client.HTTPResponse)
+                assert (resp.status, resp.reason) == (201, "Created")
+                assert resp.getheader("X-B") == "c"
+                assert resp.headers.get_content_type() == "text/plain"
+                assert resp.read() == b"got /v1?x=1"
+                resp.close()
+            finally:
+                conn.close()
+    assert seen == [("GET", "/v1?x=1", _ICPT_HOST, "b")] * 2
+
+
+def test_intercept_http_client_post_with_a_body(app_kind):
+    """A body as bytes (Content-Length), a file and an iterable (both chunked,
+    as http.client sends them) reaches the app whole."""
+    seen = []
+
+    def logic(req):
+        seen.append((req.method, req.body))
+        return 200, [("Content-Type", "text/plain")], [b"%d bytes" % len(req.body)]
+
+    payload = b"payload " * 1000
+    bodies = [payload, io.BytesIO(payload), iter([payload[:3], b"", payload[3:]])]
+    with _icpt_block({_ICPT_HOST: make_app(app_kind, logic)}, network=False):
+        conn = http.client.HTTPConnection(_ICPT_HOST, timeout=KIND_TIMEOUT[app_kind])
+        try:
+            for body in bodies:
+                conn.request("POST", "/p", body=body,
+                             headers={"Content-Type": "application/octet-stream"})
+                with conn.getresponse() as resp:
+                    assert resp.status == 200
+                    assert resp.read() == b"%d bytes" % len(payload)
+        finally:
+            conn.close()
+    assert seen == [("POST", payload)] * 3
+
+
+def test_intercept_http_client_keep_alive(app_kind):
+    """Several requests, HEAD among them, one after the other on one
+    HTTPConnection object, as keep-alive makes them."""
+    seen = []
+    with _icpt_block({_ICPT_HOST: make_app(app_kind, _icpt_echo(seen))}, network=False):
+        conn = http.client.HTTPConnection(_ICPT_HOST, timeout=KIND_TIMEOUT[app_kind])
+        try:
+            for method, path, body in (("GET", "/1", None), ("POST", "/2", b"two"),
+                                       ("HEAD", "/3", None), ("GET", "/4?q=4", None)):
+                conn.request(method, path, body=body)
+                resp = conn.getresponse()
+                assert resp.status == 200
+                assert resp.read() == (b"" if method == "HEAD" else b"in-process " + path.encode())
+                assert resp.isclosed()
+        finally:
+            conn.close()
+    assert [(r.method, r.target, r.body) for r in seen] == [
+        ("GET", "/1", b""), ("POST", "/2", b"two"), ("HEAD", "/3", b""), ("GET", "/4?q=4", b"")]
+
+
+def _icpt_exchanges(conn, requests):
+    """What http.client shows of each (method, target, body, headers) request
+    made on ``conn`` one after the other: (status, reason, headers but those
+    a server sets itself or that frame the body, body)."""
+    out = []
+    for method, target, body, headers in requests:
+        conn.request(method, target, body=body, headers=headers)
+        with conn.getresponse() as resp:
+            out.append((resp.status, resp.reason,
+                         [(k.lower(), v) for k, v in resp.getheaders()
+                          if k.lower() not in _NOT_COMPARED], resp.read()))
+    return out
+
+
+def test_intercept_http_client_request_reaches_the_app_as_over_tcp():
+    """The same requests on one HTTPConnection to a loopback server and to the
+    same handler class mounted in the block: the app reads the same request
+    line, headers and raw body (chunked framing included) in both."""
+    requests = [("GET", "/x?y=1", None, {"X-A": "b"}),
+                ("POST", "/p", b"abc", {"Content-Type": "text/plain"}),
+                ("POST", "/chunked", iter([b"ab", b"", b"cd"]), {}),
+                ("PUT", "/file", io.BytesIO(b"file body"), {"X-B": "c"}),
+                ("DELETE", "/d", None, {})]
+    with _icpt_loopback(_RequestEchoHandler) as server:
+        conn = http.client.HTTPConnection(server.name, timeout=WAIT)
+        try:
+            expected = _icpt_exchanges(conn, requests)
+        finally:
+            conn.close()
+    requests[2:4] = [("POST", "/chunked", iter([b"ab", b"", b"cd"]), {}),
+                     ("PUT", "/file", io.BytesIO(b"file body"), {"X-B": "c"})]
+    with _icpt_block({_ICPT_HOST: _RequestEchoHandler}, network=False):
+        conn = http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)
+        try:
+            got = _icpt_exchanges(conn, requests)
+        finally:
+            conn.close()
+    assert [g[3] for g in got] == [e[3] for e in expected]
+    assert got == expected
+
+
+def test_intercept_http_client_response_is_what_tcp_gives():
+    """Responses a handler class frames itself (chunked with a trailer,
+    close-delimited, sized) and send_error() pages, HEAD included, read
+    through http.client from a loopback server and from the block."""
+    for handler, targets in ((_HandWrittenFramingHandler, ["/chunked", "/close", "/sized"]),
+                             (_SendErrorHandler, ["/teapot", "/unavailable", "/nothing"])):
+        requests = [(method, target, None, {}) for target in targets
+                    for method in ("GET", "HEAD")
+                    if handler is _SendErrorHandler or method == "GET"]
+        expected = []
+        with _icpt_loopback(handler) as server:
+            for request in requests:  # a connection each: some close theirs
+                conn = http.client.HTTPConnection(server.name, timeout=WAIT)
+                try:
+                    expected += _icpt_exchanges(conn, [request])
+                finally:
+                    conn.close()
+        with _icpt_block({_ICPT_HOST: handler}, network=False):
+            conn = http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)
+            try:
+                got = _icpt_exchanges(conn, requests)
+            finally:
+                conn.close()
+        assert got == expected, handler.__name__
+
+
+@pytest.mark.parametrize("app_kind", TIMED_KINDS)
+@pytest.mark.parametrize("client", ["http.client", "urlopen"])
+def test_intercept_request_body_streams_to_the_app(app_kind, client):
+    """The app reads the first part of a streamed request body before the
+    caller has produced the rest, on http.client as on urllib (over TCP a
+    server reads what has arrived).  Not for WSGI in the caller's thread:
+    there the app cannot run while the caller is still sending."""
+    got_first, seen = threading.Event(), []
+
+    def logic(req):
+        seen.append(req.read(len(FIRST)))
+        got_first.set()
+        seen.append(req.body)
+        return 200, [("Content-Type", "text/plain")], [b"read"]
+
+    def body():
+        yield FIRST
+        seen.append(got_first.wait(WAIT))
+        yield b"rest"
+
+    timeout = KIND_TIMEOUT[app_kind]
+    with _icpt_block({_ICPT_HOST: make_app(app_kind, logic, stream=True)}, network=False):
+        assert _icpt_get(client, "http://api.internal/upload", timeout, method="POST",
+                         body=body(), headers={"Content-Type": "text/plain"}) == b"read"
+    assert seen == [FIRST, True, b"rest"]  # True: the app had FIRST before "rest" was made
+
+
+@pytest.mark.parametrize(("client", "scheme"), _ICPT_PATHS)
+def test_intercept_streams_the_response_incrementally(app_kind, client, scheme):
+    """The first chunk reaches the caller while the app still waits for the
+    caller to have read it: the response is not buffered."""
+    gate, waited = threading.Event(), []
+
+    def logic(req):
+        def chunks():
+            yield FIRST
+            waited.append(gate.wait(WAIT))
+            yield b"second|"
+            yield b"third"
+
+        return 200, [("Content-Type", "text/event-stream")], chunks()
+
+    opener = urllib.request.build_opener()
+    with _icpt_block({_ICPT_HOST: make_app(app_kind, logic)}):
+        with _icpt_open(client, "%s://%s/stream" % (scheme, _ICPT_HOST),
+                        KIND_TIMEOUT[app_kind], opener) as resp:
+            assert resp.status == 200
+            assert resp.read(len(FIRST)) == FIRST
+            gate.set()
+            assert resp.read() == b"second|third"
+    assert waited == [True]
+
+
+@pytest.mark.parametrize(("client", "scheme"), _ICPT_PATHS)
+def test_intercept_app_sees_the_scheme_and_host(app_kind, client, scheme):
+    """https:// URLs and HTTPSConnection reach the app as https (WSGI's
+    wsgi.url_scheme, ASGI's scope["scheme"]), with the Host as sent."""
+    seen = []
+
+    class SchemeHandler(QuietHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            seen.append((None, self.headers["Host"]))
+            _respond(self, body=b"ok")
+
+    def wsgi_app(environ, start_response):
+        seen.append((environ["wsgi.url_scheme"], environ["HTTP_HOST"]))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    async def asgi_app(scope, receive, send):
+        if scope["type"] != "http":
+            raise ValueError("http only")
+        seen.append((scope["scheme"], dict(scope["headers"])[b"host"].decode()))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = {"handler": SchemeHandler, "asgi": asgi_app}.get(app_kind, wsgi_app)
+    opener = urllib.request.build_opener()
+    with _icpt_block({_ICPT_HOST: app}):
+        assert _icpt_get(client, "%s://%s/s" % (scheme, _ICPT_HOST),
+                         KIND_TIMEOUT[app_kind], opener) == b"ok"
+    assert seen == [(None if app_kind == "handler" else scheme, _ICPT_HOST)]
+
+
+def test_intercept_urlopen_with_a_context():
+    """urlopen(..., context=...) builds a fresh opener of its own: served."""
+    seen = []
+    with _icpt_block({_ICPT_HOST: make_app("wsgi-worker", _icpt_echo(seen))}):
+        for url in ("https://api.internal/a?b=c", "http://api.internal/d"):
+            with urllib.request.urlopen(url, timeout=WAIT, context=_icpt_tls()) as resp:
+                assert resp.geturl() == url
+                assert resp.read() == b"in-process " + url.split(_ICPT_HOST)[1].encode()
+    assert [r.target for r in seen] == ["/a?b=c", "/d"]
+
+
+def test_intercept_urlretrieve_streams_into_a_file(tmp_path, monkeypatch):
+    """urlretrieve (bare urlopen underneath: urllib's global opener, built
+    inside the block here) writes the whole body; a body that fails half way
+    raises, never leaves a short file reported as whole."""
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    _icpt_no_proxies(monkeypatch)
+    body = bytes(range(256)) * 1200  # 300 KiB: many of urlretrieve's 8 KiB blocks
+
+    def logic(req):
+        if req.path == "/broken":
+            def broken():
+                yield b"x" * 100
+                raise AppFault("failed half way")
+
+            return 200, [("Content-Type", "application/octet-stream")], broken()
+        return 200, [("Content-Type", "application/octet-stream"),
+                     ("Content-Length", str(len(body)))], (
+            body[i:i + 10000] for i in range(0, len(body), 10000))
+
+    blocks = []
+    with _icpt_block({_ICPT_HOST: make_app("wsgi-worker", logic)}):
+        filename, headers = urllib.request.urlretrieve(
+            "http://api.internal/file.bin", tmp_path / "file.bin",
+            lambda count, size, total: blocks.append(total))
+        with pytest.raises(ALLOWED):
+            urllib.request.urlretrieve("http://api.internal/broken", tmp_path / "broken.bin")
+    assert (tmp_path / "file.bin").read_bytes() == body
+    assert str(filename) == str(tmp_path / "file.bin")
+    assert headers["Content-Length"] == str(len(body))
+    assert len(blocks) > 2 and set(blocks) == {len(body)}
+
+
+def test_intercept_openers_and_names_taken_before_the_block():
+    """An opener built before the block (its processors apply), and urlopen,
+    build_opener and HTTPConnection taken by name before it (as a module that
+    did `from urllib.request import urlopen` holds them)."""
+    seen = []
+    before = urllib.request.build_opener(_IcptStamp("built before"))
+    plain = urllib.request.build_opener()
+    urlopen, build_opener = urllib.request.urlopen, urllib.request.build_opener
+    connection = http.client.HTTPConnection
+    with _icpt_block({_ICPT_HOST: make_app("wsgi-inline", _icpt_echo(seen))}):
+        with before.open("http://api.internal/1", timeout=WAIT) as resp:
+            assert resp.read() == b"in-process /1"
+        assert _icpt_get("opener", "https://api.internal/2", opener=plain) == b"in-process /2"
+        with urlopen("https://api.internal/3", context=_icpt_tls()) as resp:
+            assert resp.read() == b"in-process /3"
+        with build_opener().open("http://api.internal/4") as resp:
+            assert resp.read() == b"in-process /4"
+        conn = connection(_ICPT_HOST)
+        try:
+            conn.request("GET", "/5")
+            assert conn.getresponse().read() == b"in-process /5"
+        finally:
+            conn.close()
+    assert [(r.target, r.headers.get("X-Stamp")) for r in seen] == [
+        ("/1", "built before"), ("/2", None), ("/3", None), ("/4", None), ("/5", None)]
+
+
+def test_intercept_serves_the_installed_opener(monkeypatch):
+    monkeypatch.setattr(urllib.request, "_opener", None)  # put back after the test
+    urllib.request.install_opener(urllib.request.build_opener(_IcptStamp("installed")))
+    seen = []
+    with _icpt_block({_ICPT_HOST: make_app("handler", _icpt_echo(seen))}):
+        with urllib.request.urlopen("http://api.internal/i", timeout=WAIT) as resp:
+            assert resp.read() == b"in-process /i"
+    assert [(r.target, r.headers.get("X-Stamp")) for r in seen] == [("/i", "installed")]
+
+
+def test_intercept_urllib_rules_apply(app_kind):
+    """HTTPError for an error status, redirects followed within the mounted
+    hosts under the opener's redirect handler, on every urllib path."""
+    calls = []
+    app = make_app(app_kind, _route_logic(calls))
+    timeout = KIND_TIMEOUT[app_kind]
+    opener = urllib.request.build_opener()
+    with _icpt_block({_ICPT_HOST: app, "other.internal": app}, network=False):
+        for client in ("urlopen", "opener"):
+            with _http_error(418) as info:
+                _icpt_get(client, "https://api.internal/teapot", timeout, opener)
+            assert info.value.d_body == b"no coffee"
+            url = "http://api.internal/go?" + urllib.parse.urlencode(
+                {"code": 302, "to": "https://other.internal/echo"})
+            with _icpt_open(client, url, timeout, opener, body=b"q") as resp:
+                assert resp.geturl() == "https://other.internal/echo"
+                assert b'"method": "GET"' in resp.read()
+        # http.client follows nothing and raises for no status
+        with _icpt_open("http.client", "http://api.internal/teapot", timeout) as resp:
+            assert (resp.status, resp.read()) == (418, b"no coffee")
+    assert [c[1] for c in calls] == ["/teapot", "/go", "/echo"] * 2 + ["/teapot"]
+
+
+# ---------------------------------------------------------------------------
+# Timeouts, errors, source and actor on every path
+
+
+@pytest.mark.parametrize("app_kind", TIMED_KINDS)
+@pytest.mark.parametrize("client", ["http.client", "urlopen"])
+def test_intercept_timeout_before_the_head_raises_socket_timeout(app_kind, client):
+    state = {}
+
+    def logic(req):
+        state["cancelled"] = ib.cancelled().wait(WAIT)
+        return 200, [("Content-Type", "text/plain"), ("Content-Length", "4")], [b"late"]
+
+    with _icpt_block({_ICPT_HOST: make_app(app_kind, logic, stream=True)}, network=False):
+        started = time.monotonic()
+        if client == "http.client":
+            conn = http.client.HTTPConnection(_ICPT_HOST, timeout=_ICPT_SHORT)
+            try:
+                conn.request("GET", "/slow")
+                with pytest.raises(socket.timeout):
+                    conn.getresponse()
+            finally:
+                conn.close()
+        else:
+            with pytest.raises(socket.timeout) as info:
+                urllib.request.urlopen("https://api.internal/slow", timeout=_ICPT_SHORT,
+                                       context=_icpt_tls())
+            assert not isinstance(info.value, urllib.error.URLError)
+        assert time.monotonic() - started < 5
+        assert _wait_for(lambda: "cancelled" in state)
+    assert state["cancelled"] is True
+
+
+@pytest.mark.parametrize("app_kind", TIMED_KINDS)
+@pytest.mark.parametrize(("client", "scheme"), _ICPT_PATHS)
+def test_intercept_timeout_between_chunks_raises_from_read(app_kind, client, scheme):
+    state = {}
+
+    def logic(req):
+        def chunks():
+            yield b"first\n"
+            state["cancelled"] = ib.cancelled().wait(WAIT)
+
+        return 200, [("Content-Type", "text/plain")], chunks()
+
+    opener = urllib.request.build_opener()
+    with _icpt_block({_ICPT_HOST: make_app(app_kind, logic)}, network=False):
+        with _icpt_open(client, "%s://%s/" % (scheme, _ICPT_HOST), _ICPT_SHORT,
+                        opener) as resp:
+            assert resp.readline() == b"first\n"
+            with pytest.raises(socket.timeout):
+                resp.readline()
+        assert _wait_for(lambda: "cancelled" in state)
+    assert state["cancelled"] is True
+
+
+@pytest.mark.parametrize("length", [True, False], ids=["content-length", "no-length"])
+@pytest.mark.parametrize("how", ["read", "read(n)"])
+@pytest.mark.parametrize("client", ["http.client", "urlopen"])
+def test_intercept_error_mid_body_is_an_error(app_kind, client, how, length):
+    """An app that fails after its head: reading raises, on http.client as on
+    urllib, whether a Content-Length was promised or not (http.client's read(n)
+    would end a short Content-Length body quietly)."""
+
+    def logic(req):
+        def chunks():
+            yield b"x" * 10
+            raise AppFault("failed after its head")
+
+        headers = [("Content-Type", "text/plain")]
+        if length:
+            headers.append(("Content-Length", "100"))
+        return 200, headers, chunks()
+
+    with _icpt_block({_ICPT_HOST: make_app(app_kind, logic)}, network=False):
+        with _icpt_open(client, "https://api.internal/broken", KIND_TIMEOUT[app_kind]) as resp:
+            assert resp.status == 200
+            got, error = _read_to_error(resp, how)
+    assert isinstance(error, ALLOWED), "a short body read as whole: %r" % (got,)
+    assert (b"x" * 10).startswith(got)
+
+
+@pytest.mark.parametrize(("client", "scheme"), _ICPT_PATHS)
+def test_intercept_error_before_the_head_is_500(app_kind, client, scheme):
+    def logic(req):
+        raise AppFault("failed before its head")
+
+    opener = urllib.request.build_opener()
+    url = "%s://%s/boom" % (scheme, _ICPT_HOST)
+    with _icpt_block({_ICPT_HOST: make_app(app_kind, logic)}, network=False):
+        if client == "http.client":
+            with _icpt_open(client, url, KIND_TIMEOUT[app_kind]) as resp:
+                assert resp.status == 500
+                resp.read()
+        else:
+            with _http_error(500):
+                _icpt_get(client, url, KIND_TIMEOUT[app_kind], opener)
+
+
+@pytest.mark.parametrize(("client", "scheme"), _ICPT_PATHS)
+def test_intercept_source_and_actor_reach_the_app(app_kind, client, scheme):
+    seen = []
+
+    def logic(req):
+        seen.append((ib.current_source(), ib.current_actor(), req.tags))
+        return 204, [], []
+
+    opener = urllib.request.build_opener()
+    url = "%s://%s/who" % (scheme, _ICPT_HOST)
+    with _icpt_block({_ICPT_HOST: make_app(app_kind, logic)}, source=ib.SOURCE_AGENTS,
+                     actor="user-7"):
+        with _icpt_open(client, url, KIND_TIMEOUT[app_kind], opener) as resp:
+            assert (resp.status, resp.read()) == (204, b"")
+    tags = None if app_kind == "handler" else ("agents", "user-7")
+    assert seen == [("agents", "user-7", tags)]
+    assert type(seen[0][0]) is ib.Source
+    assert ib.current_source() is None and ib.current_actor() is None
+
+
+def test_intercept_without_source_or_actor_the_app_sees_none():
+    seen = []
+
+    def logic(req):
+        seen.append((ib.current_source(), ib.current_actor(), req.tags))
+        return 204, [], []
+
+    with _icpt_block({_ICPT_HOST: make_app("wsgi-worker", logic)}):
+        assert _icpt_get("http.client", "http://api.internal/") == b""
+    assert seen == [(None, None, (None, None))]
+
+
+# ---------------------------------------------------------------------------
+# What intercept() takes and yields
+
+
+def test_intercept_is_public():
+    assert "intercept" in ib.__all__
+    with pytest.raises(TypeError):
+        ib.intercept({}, False)  # network and the rest are keyword-only
+
+
+def test_intercept_of_a_handler_takes_its_mounts_source_and_actor():
+    seen = []
+
+    def logic(req):
+        seen.append((req.target, ib.current_source(), ib.current_actor()))
+        return 204, [], []
+
+    handler = ib.InProcHandler({_ICPT_HOST: make_app("wsgi-worker", logic)},
+                               source="billing", actor="user-1")
+    with ib.intercept(handler, network=False) as bridge:
+        assert isinstance(bridge, ib.InProcHandler)
+        assert _icpt_get("http.client", "http://api.internal/a") == b""
+        handler.mount("late.internal", make_app("wsgi-worker", logic))  # acts at once
+        assert _icpt_get("urlopen", "https://late.internal/b") == b""
+        handler.unmount(_ICPT_HOST)
+        with pytest.raises(ib.BridgeError, match=_ICPT_HOST_RE):
+            _icpt_get("http.client", "http://api.internal/c")
+    handler.close()
+    assert seen == [("/a", "billing", "user-1"), ("/b", "billing", "user-1")]
+
+
+def test_intercept_of_a_factory_takes_its_mounts_and_the_keywords():
+    seen = []
+
+    def logic(req):
+        seen.append((req.target, ib.current_source(), ib.current_actor()))
+        return 204, [], []
+
+    factory = ib.OpenerFactory({_ICPT_HOST: make_app("wsgi-worker", logic)})
+    try:
+        with ib.intercept(factory, source=ib.SOURCE_AGENTS, actor="user-7",
+                          network=False) as bridge:
+            assert isinstance(bridge, ib.InProcHandler)
+            assert _icpt_get("http.client", "https://api.internal/a") == b""
+            factory.mount("late.internal", make_app("wsgi-worker", logic))  # acts at once
+            assert _icpt_get("http.client", "http://late.internal/b") == b""
+        with ib.intercept(factory, network=False):
+            assert _icpt_get("urlopen", "https://late.internal/c") == b""
+    finally:
+        factory.close()
+    assert seen == [("/a", "agents", "user-7"), ("/b", "agents", "user-7"), ("/c", None, None)]
+
+
+def test_intercept_mount_and_unmount_inside_the_block_act_at_once(app_kind):
+    timeout = KIND_TIMEOUT[app_kind]
+    with _icpt_block({_ICPT_HOST: make_app(app_kind, _answer(body=b"first"))},
+                     network=False) as bridge:
+        assert isinstance(bridge, ib.InProcHandler)
+        assert _icpt_get("http.client", "http://api.internal/", timeout) == b"first"
+        bridge.mount(_ICPT_HOST, make_app(app_kind, _answer(body=b"second")))
+        assert _icpt_get("http.client", "http://api.internal/", timeout) == b"second"
+        bridge.mount("late.internal:8080", make_app(app_kind, _answer(body=b"late")))
+        assert _icpt_get("urlopen", "https://late.internal:8080/", timeout) == b"late"
+        bridge.unmount(_ICPT_HOST)
+        for client in ("http.client", "urlopen"):
+            with pytest.raises(ib.BridgeError, match=_ICPT_HOST_RE):
+                _icpt_get(client, "https://api.internal/", timeout)
+
+
+@pytest.mark.parametrize("bad", [42, "api", b"api", [("api", None)], 1.5, object()],
+                         ids=["int", "str", "bytes", "list", "float", "object"])
+def test_intercept_of_what_is_not_apps_is_a_typeerror_naming_it(bad):
+    before = _icpt_snapshot(_ICPT_WATCHED)
+    with pytest.raises(TypeError, match=type(bad).__name__):
+        with ib.intercept(bad):
+            pytest.fail("the block ran")
+    assert _icpt_unpatched(before) == []
+
+
+@pytest.mark.parametrize("name", ["bad host/", "api@evil", "caf\u00e9", "api:99999", "", 42])
+def test_intercept_bad_mount_name_is_the_error_mount_gives(name):
+    app = _icpt_wsgi()
+    with pytest.raises((TypeError, ValueError)) as expected:
+        ib.InProcHandler().mount(name, app)
+    before = _icpt_snapshot(_ICPT_WATCHED)
+    with _icpt_block({_ICPT_HOST: app}, network=False) as bridge:
+        with pytest.raises(type(expected.value)) as info:
+            bridge.mount(name, app)
+        assert str(info.value) == str(expected.value)
+        assert _icpt_get("http.client", "http://api.internal/") == b"in-process"
+    assert _icpt_unpatched(before) == []
+    if isinstance(name, str):  # a mapping with the bad name: refused before any patch
+        with pytest.raises(ValueError) as info:
+            with ib.intercept({name: app}):
+                pytest.fail("the block ran")
+        assert str(info.value) == str(expected.value)
+        assert _icpt_unpatched(before) == []
+
+
+def test_intercept_record_keeps_the_http_urls(app_kind):
+    timeout = KIND_TIMEOUT[app_kind]
+    with _icpt_loopback() as server, _icpt_block(
+            {_ICPT_HOST: make_app(app_kind, _icpt_echo())}, record=True,
+            source=ib.SOURCE_AGENTS, actor="user-7") as bridge:
+        assert _icpt_get("http.client", "http://api.internal/v1?x=1", timeout) == (
+            b"in-process /v1?x=1")
+        assert _icpt_get("http.client", "https://api.internal/p", timeout, method="POST",
+                         body=b"abc") == b"in-process /p"
+        assert _icpt_get("urlopen", "https://api.internal/u", timeout) == b"in-process /u"
+        assert _icpt_get("http.client", server.base + "/", timeout) == b"net"  # not a call
+        calls = list(bridge.calls)
+        assert [_settled(c) for c in calls] == ["complete"] * 3
+    assert [(c.method, c.url, c.mount, c.status, c.outcome) for c in calls] == [
+        ("GET", "http://api.internal/v1?x=1", _ICPT_HOST, 200, "complete"),
+        ("POST", "https://api.internal/p", _ICPT_HOST, 200, "complete"),
+        ("GET", "https://api.internal/u", _ICPT_HOST, 200, "complete")]
+    assert calls[1].request_body == b"abc" and calls[1].response_body == b"in-process /p"
+    assert {(c.source, c.actor) for c in calls} == {("agents", "user-7")}
+    with _icpt_block({_ICPT_HOST: _icpt_wsgi()}) as bridge:
+        assert bridge.calls is None
+
+
+# ---------------------------------------------------------------------------
+# network=False, host matching, proxies, redirects from the network
+
+
+def test_intercept_network_false_never_connects(monkeypatch):
+    """Nothing reaches a loopback server while network=False: urllib (any
+    opener) and http.client (request() and connect()) get a BridgeError naming
+    the host; an in-process app's redirect there is refused too; mounted hosts
+    are served."""
+    _icpt_no_proxies(monkeypatch)
+    with _icpt_loopback() as server:
+        url = server.base + "/"
+        opener = urllib.request.build_opener()
+        app = make_app("wsgi-inline", lambda req: (
+            302, [("Content-Type", "text/plain"), ("Location", url)], []))
+        with _icpt_block({_ICPT_HOST: app}, network=False):
+            for client in ("urlopen", "opener"):
+                with pytest.raises(ib.BridgeError, match=_ICPT_LOOPBACK) as info:
+                    _icpt_get(client, url, opener=opener)
+                assert isinstance(info.value, urllib.error.URLError)
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=WAIT)
+            with pytest.raises(ib.BridgeError, match=_ICPT_LOOPBACK):
+                conn.connect()
+            with pytest.raises(ib.BridgeError, match=_ICPT_LOOPBACK):
+                conn.request("GET", "/")
+            assert conn.sock is None
+            conn.close()
+            with pytest.raises(ib.BridgeError, match=_ICPT_LOOPBACK):
+                _icpt_get("urlopen", "https://api.internal/go")
+        with _icpt_block(None, network=False):
+            with pytest.raises(ib.BridgeError, match=_ICPT_LOOPBACK):
+                _icpt_get("http.client", url)
+        assert _icpt_net(server) == b"net"
+        assert server.accepts == 1  # the request just made, and no other
+
+
+def test_intercept_network_true_reaches_unmounted_hosts(monkeypatch):
+    _icpt_no_proxies(monkeypatch)
+    opener = urllib.request.build_opener()
+    with _icpt_loopback() as server:
+        with _icpt_block({_ICPT_HOST: _icpt_wsgi()}):
+            for client in ("http.client", "urlopen", "opener"):
+                assert _icpt_get(client, server.base + "/", opener=opener) == b"net"
+            assert _icpt_get("http.client", "http://api.internal/") == b"in-process"
+        assert server.accepts == 3
+
+
+def test_intercept_host_matching_is_exact(app_kind):
+    """Names match case-insensitively, with or without the scheme's default
+    port; nothing else is caught: with network=False every miss is a
+    BridgeError naming its host, for urllib and http.client."""
+    timeout = KIND_TIMEOUT[app_kind]
+    apps = {_ICPT_HOST: make_app(app_kind, _answer(body=b"api")),
+            "ported.internal:8080": make_app(app_kind, _answer(body=b"ported"))}
+    hits = [("http://api.internal/", b"api"), ("https://API.Internal/", b"api"),
+            ("http://api.internal:80/", b"api"), ("https://api.internal:443/", b"api"),
+            ("http://ported.internal:8080/", b"ported"),
+            ("https://ported.internal:8080/", b"ported")]
+    misses = ["http://api.internal:8080/", "https://api.internal:80/", "http://api.internal:443/",
+              "http://api.internal.evil.com/", "https://api.internal.evil.com/",
+              "http://evil.com/api.internal", "https://xapi.internal/",
+              "http://ported.internal/", "https://ported.internal:80/"]
+    with _icpt_block(apps, network=False):
+        for url, body in hits:
+            for client in ("http.client", "urlopen"):
+                assert _icpt_get(client, url, timeout) == body, (client, url)
+        for url in misses:
+            for client in ("http.client", "urlopen"):
+                with pytest.raises(ib.BridgeError) as info:
+                    _icpt_get(client, url, timeout)
+                assert urllib.parse.urlsplit(url).hostname in str(info.value), (client, url)
+
+
+def test_intercept_not_caught_host_goes_to_the_network():
+    """With network=True, api.internal.evil.com is not api.internal: it goes
+    to the opener's own HTTP handler (which stands in for the network)."""
+    fell, seen = [], []
+    opener = _net_opener(FallThroughHTTP(fell), FallThroughHTTPS(fell))
+    with _icpt_block({_ICPT_HOST: make_app("wsgi-inline", _icpt_echo(seen))}):
+        for url in ("http://api.internal.evil.com/", "https://api.internal.evil.com/x",
+                    "http://api.internal@evil.com/"):
+            with pytest.raises(urllib.error.URLError) as info:
+                opener.open(url, timeout=WAIT)
+            assert not isinstance(info.value, ib.BridgeError)
+        assert _icpt_get("opener", "http://api.internal/ok",
+                         opener=urllib.request.build_opener()) == b"in-process /ok"
+    assert fell == ["http://api.internal.evil.com/", "https://api.internal.evil.com/x",
+                    "http://api.internal@evil.com/"]
+    assert [r.target for r in seen] == ["/ok"]
+
+
+def test_intercept_skips_environment_proxies_for_mounted_hosts(monkeypatch):
+    _icpt_no_proxies(monkeypatch)
+    proxy = "http://127.0.0.1:%d" % _icpt_dead_port()
+    monkeypatch.setenv("http_proxy", proxy)
+    monkeypatch.setenv("https_proxy", proxy)
+    opener = urllib.request.build_opener()  # its ProxyHandler has read them
+    with _icpt_block({_ICPT_HOST: make_app("wsgi-worker", _icpt_echo())}):
+        for client in ("urlopen", "opener"):
+            for scheme in ("http", "https"):
+                url = "%s://%s/p" % (scheme, _ICPT_HOST)
+                assert _icpt_get(client, url, opener=opener) == b"in-process /p"
+    # The proxies were in force: outside the block the same request goes to one.
+    with pytest.raises(urllib.error.URLError) as info:
+        opener.open("http://api.internal/p", timeout=WAIT)
+    assert isinstance(info.value.reason, ConnectionRefusedError)
+
+
+@pytest.mark.parametrize("location", ["http://api.internal/", "https://API.internal:443/v1",
+                                      "//api.internal/relative-scheme"])
+def test_intercept_network_response_cannot_redirect_into_the_block(monkeypatch, location):
+    _icpt_no_proxies(monkeypatch)
+    seen = []
+    opener = urllib.request.build_opener()
+    with _icpt_loopback(_network_redirector(location)) as server:
+        with _icpt_block({_ICPT_HOST: make_app("wsgi-inline", _icpt_echo(seen))}):
+            for client in ("urlopen", "opener"):
+                with _http_error(302):
+                    _icpt_get(client, server.base + "/", opener=opener)
+            with _http_error(302):
+                _net_opener().open(server.base + "/", timeout=WAIT)
+    assert seen == []
+
+
+# ---------------------------------------------------------------------------
+# Restoration and nesting
+
+
+def test_intercept_restores_everything_after_the_block(monkeypatch):
+    """Mount the loopback server's own host:port: inside the block the same
+    URL is served in-process, before and after it by the server; openers and
+    connections made inside go to the network afterwards; nothing stays
+    patched."""
+    _icpt_no_proxies(monkeypatch)
+    before = _icpt_snapshot(_ICPT_WATCHED)
+    opener = urllib.request.build_opener()
+    with _icpt_loopback() as server:
+        url = server.base + "/"
+        clients = ("http.client", "urlopen", "opener")
+        assert [_icpt_get(c, url, opener=opener) for c in clients] == [b"net"] * 3
+        app = make_app("wsgi-inline", _answer(body=b"in-process"))
+        with _icpt_block({server.name: app}) as bridge:
+            assert [_icpt_get(c, url, opener=opener) for c in clients] == [b"in-process"] * 3
+            inside = urllib.request.build_opener()
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1],
+                                              timeout=WAIT)
+        assert _icpt_unpatched(before) == []
+        assert [_icpt_get(c, url, opener=opener) for c in clients] == [b"net"] * 3
+        with inside.open(url, timeout=WAIT) as resp:
+            assert resp.read() == b"net"
+        try:
+            conn.request("GET", "/")
+            assert conn.getresponse().read() == b"net"
+        finally:
+            conn.close()
+        bridge.mount(server.name, _icpt_wsgi(b"remounted"))  # the block is over: no effect
+        assert _icpt_get("urlopen", url) == b"net"
+        assert server.accepts == 3 + 3 + 1 + 1 + 1
+    assert _icpt_unpatched(before) == []
+
+
+class _IcptStop(BaseException):
+    """Not an Exception: the block must restore on any way out."""
+
+
+@pytest.mark.parametrize("error", [AppFault, _IcptStop])
+def test_intercept_exception_inside_restores_and_propagates(monkeypatch, error):
+    _icpt_no_proxies(monkeypatch)
+    before = _icpt_snapshot(_ICPT_WATCHED)
+    raised = error("raised inside the block")
+    with _icpt_loopback() as server:
+        with pytest.raises(error) as info:
+            with _icpt_block({server.name: _icpt_wsgi()}):
+                assert _icpt_get("http.client", server.base + "/") == b"in-process"
+                raise raised
+        assert info.value is raised
+        assert _icpt_unpatched(before) == []
+        assert _icpt_get("http.client", server.base + "/") == b"net"
+        assert _icpt_get("urlopen", server.base + "/") == b"net"
+        # an inner block that raises leaves the outer one as it was
+        with _icpt_block({_ICPT_HOST: _icpt_wsgi(b"outer")}, network=False):
+            with pytest.raises(error):
+                with _icpt_block({_ICPT_HOST: _icpt_wsgi(b"inner")}, network=True):
+                    assert _icpt_get("http.client", "http://api.internal/") == b"inner"
+                    raise error("inner")
+            assert _icpt_get("http.client", "http://api.internal/") == b"outer"
+            with pytest.raises(ib.BridgeError, match=_ICPT_LOOPBACK):
+                _icpt_get("http.client", server.base + "/")
+        assert server.accepts == 2
+    assert _icpt_unpatched(before) == []
+
+
+def test_intercept_nested_blocks(monkeypatch):
+    """The innermost block's mounts are tried first, then the outer ones'; a
+    host no block mounts follows the innermost block's network; leaving each
+    block restores the one around it, and the outermost nothing at all."""
+    _icpt_no_proxies(monkeypatch)
+    before = _icpt_snapshot(_ICPT_WATCHED)
+    opener = urllib.request.build_opener()
+
+    def get(url, client="http.client"):
+        return _icpt_get(client, url, opener=opener)
+
+    with _icpt_loopback() as server:
+        net = server.base + "/"
+        with _icpt_block({_ICPT_HOST: _icpt_wsgi(b"outer"),
+                          "other.internal": _icpt_wsgi(b"other")}, network=True):
+            assert get("http://api.internal/") == b"outer"
+            assert get(net) == b"net"
+            with _icpt_block({_ICPT_HOST: _icpt_wsgi(b"inner")}, network=False):
+                for client in ("http.client", "urlopen", "opener"):
+                    assert get("https://api.internal/", client) == b"inner"
+                    assert get("http://other.internal/", client) == b"other"
+                    with pytest.raises(ib.BridgeError, match=_ICPT_LOOPBACK):
+                        get(net, client)
+                with _icpt_block(None, network=True):
+                    assert get(net) == b"net"
+                    assert get("http://api.internal/") == b"inner"
+                with pytest.raises(ib.BridgeError, match=_ICPT_LOOPBACK):
+                    get(net)
+            assert get("http://api.internal/", "urlopen") == b"outer"
+            assert get(net, "urlopen") == b"net"
+        assert _icpt_unpatched(before) == []
+        with _icpt_block({_ICPT_HOST: _icpt_wsgi(b"outer")}, network=False):
+            with _icpt_block({}, network=True):
+                assert get(net, "opener") == b"net"
+                assert get("http://api.internal/") == b"outer"
+            with pytest.raises(ib.BridgeError, match=_ICPT_LOOPBACK):
+                get(net, "opener")
+        assert get(net) == b"net"
+        assert server.accepts == 2 + 1 + 1 + 1
+    assert _icpt_unpatched(before) == []
+
+
+def test_intercept_import_and_a_block_leave_nothing_patched(tmp_path):
+    """In a fresh interpreter: importing inproc_bridge patches nothing (the
+    cost outside a block is nil), and neither does a block once it is over."""
+    script = "\n".join([
+        "import http.client, socket, ssl, urllib.request, xmlrpc.client",
+        inspect.getsource(_icpt_resolve),
+        inspect.getsource(_icpt_snapshot),
+        inspect.getsource(_icpt_changes),
+        "watched = %r" % (_ICPT_WATCHED,),
+        "before = _icpt_snapshot(watched)",
+        "import inproc_bridge as ib",
+        "imported = _icpt_snapshot(watched)",
+        "def app(environ, start_response):",
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])",
+        "    return [b'in-process']",
+        "with ib.intercept({'api.internal': app}, network=False):",
+        "    conn = http.client.HTTPConnection('api.internal')",
+        "    conn.request('GET', '/')",
+        "    assert conn.getresponse().read() == b'in-process'",
+        "    conn.close()",
+        "print(_icpt_changes(before, imported), _icpt_changes(before, _icpt_snapshot(watched)))",
+    ])
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(ib.__file__)),
+               PYTHONDONTWRITEBYTECODE="1")
+    done = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=WAIT, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[] []"
+
+
+# ---------------------------------------------------------------------------
+# Threads
+
+
+def test_intercept_eight_threads_in_one_block(app_kind):
+    """8 threads x 25 requests, each thread alternating its own keep-alive
+    HTTPConnection and urlopen(context=...): every answer is its own."""
+    timeout = KIND_TIMEOUT[app_kind]
+    with _icpt_block({_ICPT_HOST: make_app(app_kind, _icpt_echo())}, network=False):
+
+        def client(n):
+            def run():
+                conn = http.client.HTTPConnection(_ICPT_HOST, timeout=timeout)
+                try:
+                    for i in range(25):
+                        path = "/t%d/%d" % (n, i)
+                        if i % 2:
+                            got = _icpt_get("urlopen", "https://api.internal" + path, timeout)
+                        else:
+                            conn.request("GET", path)
+                            got = conn.getresponse().read()
+                        assert got == b"in-process " + path.encode()
+                finally:
+                    conn.close()
+
+            return run
+
+        _run_threads([client(n) for n in range(8)], WAIT * 3)
+
+
+def test_intercept_is_process_wide():
+    """A thread that was running before the block and has its own context
+    is served by the block while it is active, with the block's source."""
+    seen, go, done, box = [], threading.Event(), threading.Event(), []
+
+    def logic(req):
+        seen.append(ib.current_source())
+        return 200, [("Content-Type", "text/plain")], [b"in-process"]
+
+    def other():
+        go.wait(WAIT)
+        try:
+            box.append(_icpt_get("http.client", "http://api.internal/"))
+        except ALLOWED as exc:  # handed to the test
+            box.append(exc)
+        done.set()
+
+    thread = threading.Thread(target=other, name="icpt-other", daemon=True)
+    thread.start()
+    with _icpt_block({_ICPT_HOST: make_app("wsgi-worker", logic)}, source=ib.SOURCE_AGENTS,
+                     network=False):
+        go.set()
+        assert done.wait(WAIT)
+    thread.join(WAIT)
+    assert box == [b"in-process"] and seen == ["agents"]
+
+
+# ---------------------------------------------------------------------------
+# An SDK as its users call it
+
+
+@pytest.mark.optional
+def test_intercept_slack_sdk_web_client():
+    """slack_sdk's WebClient(ssl=ctx) calls urlopen(req, context=ctx): served."""
+    web_client = _optional("slack_sdk").WebClient
+    seen = []
+
+    def slack(environ, start_response):
+        seen.append((environ["REQUEST_METHOD"], environ["PATH_INFO"],
+                     environ.get("HTTP_AUTHORIZATION"), environ["inproc.source"]))
+        start_response("200 OK", [("Content-Type", "application/json; charset=utf-8")])
+        return [b'{"ok": true, "user": "bot", "team": "T1"}']
+
+    with _icpt_block({"slack.internal": slack}, source=ib.SOURCE_AGENTS, network=False):
+        client = web_client(token="xoxb-test", base_url="https://slack.internal/api/",
+                            ssl=_icpt_tls(), timeout=int(WAIT))
+        resp = client.auth_test()
+    assert resp["ok"] is True and resp["user"] == "bot"
+    assert seen == [("POST", "/api/auth.test", "Bearer xoxb-test", "agents")]
 
 
 # ---------------------------------------------------------------------------
