@@ -709,10 +709,11 @@ def _forked_away() -> ConnectionResetError:
 
 
 def _after_fork_in_child() -> None:
-    global _fork_generation, _workers, _LOCK
+    global _fork_generation, _workers, _LOCK, _BLOCKS_LOCK
     _fork_generation += 1
     _workers = _Workers()
     _LOCK = threading.Lock()
+    _BLOCKS_LOCK = threading.Lock()  # intercept(): the blocks themselves came along
     for table in list(_tables):
         table.after_fork()
     for journal in list(_journals):
@@ -3370,8 +3371,11 @@ class _Mounts:
 
     def after_fork(self) -> None:
         """In a forked child: a mount under way in another thread at fork
-        time left the lock held; the table itself was swapped whole."""
+        time left the lock held; the table itself was swapped whole.  The
+        exchanges in flight are the parent's: a drain here does not wait
+        for them."""
         self._lock = threading.Lock()
+        self.live = set()
 
     def add(self, name: str, app: Any, server: Any = None, fault: Optional[Fault] = None,
             secret: Optional[bytes] = None) -> None:

@@ -4759,6 +4759,48 @@ def test_fork_child_read_of_a_parents_open_response_fails_promptly(app_kind, sta
 
 
 @pytest.mark.parametrize("start", _FORK_STARTS)
+def test_fork_child_drains_and_intercepts_without_the_parents_exchanges(app_kind, start):
+    """A child forked while the parent streams: its drain() does not wait for
+    the parent's exchange (it is not the child's to end), and intercept()
+    works there -- no lock or block of the parent's stands in the way."""
+    gate = threading.Event()
+
+    def logic(req):
+        def chunks():
+            yield b"first\n"
+            gate.wait(3 * WAIT)
+            yield b"second\n"
+
+        return 200, [("Content-Type", "text/plain")], chunks()
+
+    timeout = 6 * WAIT if app_kind == "wsgi-worker" else None
+    with Bridge({"app": make_app(app_kind, logic)}) as (opener, handler):
+        try:
+            with opener.open("inproc://app/stream", timeout=timeout) as resp:
+                assert resp.readline() == b"first\n"
+
+                def child(report):
+                    started = time.monotonic()
+                    cancelled = handler.drain(WAIT)
+                    report(["drain", cancelled, time.monotonic() - started < WAIT / 2])
+                    with ib.intercept({"api.internal": make_app("wsgi-inline", _answer(
+                            body=b"in the child"))}, network=False):
+                        conn = http.client.HTTPConnection("api.internal", timeout=WAIT)
+                        conn.request("GET", "/")
+                        report(["intercept", conn.getresponse().read().decode()])
+                        conn.close()
+
+                reports, code, _ = _forked(start, child)
+                gate.set()
+                rest = resp.read()
+        finally:
+            gate.set()
+    assert rest == b"second\n"  # the parent's stream is untouched
+    assert reports == [["drain", 0, True], ["intercept", "in the child"]], (reports, code)
+    assert code == 0
+
+
+@pytest.mark.parametrize("start", _FORK_STARTS)
 def test_fork_child_serves_an_asgi_app_mounted_with_lifespan(start):
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
@@ -7039,9 +7081,8 @@ def test_drain_on_a_factory_refuses_on_every_opener_and_cancels_what_is_in_fligh
     assert seen == [_left(app_kind)]
 
 
-def test_drain_cancels_an_endless_remote_stream_at_the_deadline(remote):
-    release = threading.Event()
-
+def _first_then_late(release):
+    """Logic that sends FIRST at once and b"late" only once ``release`` is set."""
     def logic(req):
         def chunks():
             yield FIRST
@@ -7050,6 +7091,12 @@ def test_drain_cancels_an_endless_remote_stream_at_the_deadline(remote):
 
         return 200, [("Content-Type", "text/plain")], chunks()
 
+    return logic
+
+
+def test_drain_cancels_an_endless_remote_stream_at_the_deadline(remote):
+    release = threading.Event()
+    logic = _first_then_late(release)
     remote.app = make_app(remote.kind, logic)
     handler = ib.InProcHandler({"far": remote.url})
     try:
@@ -7674,15 +7721,7 @@ def test_remote_timeout_raises_socket_timeout_when_the_server_never_answers():
 
 def test_remote_timeout_between_body_chunks_raises_socket_timeout(remote):
     release = threading.Event()
-
-    def logic(req):
-        def chunks():
-            yield FIRST
-            release.wait(WAIT)
-            yield b"late"
-
-        return 200, [("Content-Type", "text/plain")], chunks()
-
+    logic = _first_then_late(release)
     remote.app = make_app(remote.kind, logic)
     handler = ib.InProcHandler({"api": remote.url})
     try:
