@@ -467,6 +467,26 @@ class _Chunks:
         """The writer ended cleanly and only the end is left (or taken)."""
         return self.ended and self.error is None and (self._eof or self._items.qsize() <= 1)
 
+    def discard(self, error: BaseException) -> bool:
+        """See ``BodyPipe.discard``."""
+        with self._lock:
+            dropped = False
+            while self._items.qsize():
+                try:
+                    dropped = bool(self._items.get_nowait()) or dropped
+                except queue.Empty:  # the reader took it first
+                    break
+            if not dropped or self._eof:
+                if not self._eof:
+                    self._items.put(b"")  # the end taken out with the rest
+                return False
+            self.level = 0
+            self.error = error
+            self.broken = self.ended = True
+            self._items.put(b"")
+            self._open_gate()
+        return True
+
     def drop_reader(self) -> None:
         with self._lock:
             self.broken = self.ended = self.reader_gone = True
@@ -552,6 +572,14 @@ class BodyPipe(_ChunkReader):
         gets EOF after what was written."""
         if self._generation == _fork_generation:
             self._queue.end(error, broken=True)
+
+    def discard(self, error: BaseException) -> bool:
+        """Throw away what waits unread and make the next read raise
+        ``error`` (any thread; drain's cut of a finished stream).  False when
+        nothing was waiting: the reader had it all."""
+        if self._generation != _fork_generation:
+            return False
+        return self._queue.discard(error)
 
     @property
     def reader_closed(self) -> bool:
@@ -838,6 +866,7 @@ class _Exchange:
     head_at = 0.0  # when the app produced its head (time.monotonic())
     declared: Optional[str] = None  # the head's Content-Length, as sent
     remote = False  # a remote mount's: its redirects are not followed
+    bare = False  # read by plain http.client (intercept), not by a _Response
     table: Optional[_Mounts] = None  # whose drain waits for it
     _event: Optional[threading.Event] = None
 
@@ -1084,11 +1113,11 @@ class _Exchange:
         if self.abort(error):
             return True
         pipe = self.pipe
-        if self.state == _DONE and pipe is not None and not pipe.reader_closed:
-            pipe.abort(error)
+        if self.state == _DONE and pipe is not None and not pipe.reader_closed and (
+                pipe.discard(error)):
             self.leave()
             return True
-        return False
+        return False  # the caller has every byte already: nothing to cancel
 
     def leave(self) -> None:
         """The caller closed, dropped or timed out on the response."""
@@ -1139,7 +1168,9 @@ class _Exchange:
             self.abort(ConnectionResetError(errno.ECONNRESET, "in-process connection reset by "
                                             "a Fault(reset_after=...)"))
         else:
-            self.abort(http.client.IncompleteRead(b""), short=True)
+            # A _Response turns the early end into IncompleteRead with every
+            # byte sent; plain http.client gets the error from the pipe.
+            self.abort(http.client.IncompleteRead(b""), short=not self.bare)
 
     def await_head(self, timeout: Optional[float]) -> _Head:
         """The caller's side of the slot: the head, or what stands for it
@@ -1769,6 +1800,7 @@ def _serve_raw(request: _Request, entry: _Entry, exchange: _Exchange, ctx: conte
     # A request intercept() takes off an http.client connection, byte for
     # byte, from its head on: the handler class reads what the client sends
     # as it sends it, the client parses what the handler writes, as over TCP.
+    exchange.bare = True
     run = _HandlerRun(entry, exchange, ctx, request.timeout)
     run.stream = True
     run.capture = exchange.call  # the journal follows the bytes
@@ -2904,9 +2936,14 @@ class _Remote:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("a remote mount wants an http:// or https:// URL, not %r (scheme %r)"
                              % (url, parts.scheme))
-        if parts.query or parts.fragment:
-            raise ValueError("a remote mount's URL is a base: no query or fragment, not %r"
-                             % (url,))
+        if parts.query or parts.fragment or parts.username is not None:
+            raise ValueError("a remote mount's URL is a base: no user, query or fragment, not "
+                             "%r" % (urllib.parse.urlunsplit(parts._replace(
+                                 netloc=parts.hostname or "")),))
+        try:
+            parts.port  # noqa: B018 - urllib's check of the port
+        except ValueError as exc:
+            raise ValueError("a remote mount's URL has a bad port: %s" % (exc,)) from None
         self.url = url
         self.origin = "%s://%s" % (parts.scheme, parts.netloc)
         self.base = parts.path.rstrip("/")
@@ -2919,9 +2956,10 @@ class _Remote:
 def _canonical_target(path: str, query: str) -> str:
     # What is signed of the request target: the path with its escapes
     # decoded as PEP 3333 decodes them (so a server that unquotes PATH_INFO
-    # checks the same text), then the query as sent.
+    # checks the same text), length first -- a decoded "?" or newline in it
+    # cannot pass for the query -- then the query as sent.
     path = urllib.parse.unquote(path, "iso-8859-1")
-    return path + "?" + query if query else path
+    return "%d:%s\n%s" % (len(path), path, query)
 
 
 def _signature(key: bytes, stamp: str, method: str, target: str, source: Optional[str],
@@ -2942,7 +2980,9 @@ def _serve_remote(bridge: InProcHandler, table: _Mounts, request: _Request, entr
     out = urllib.request.Request(remote.origin + target, data=req.data, method=request.method)
     for name, value in request.headers:
         lower = name.lower()
-        if lower not in ("host", "connection") and not lower.startswith("inproc-"):
+        # (Inproc_Source too: a WSGI server reads it as HTTP_INPROC_SOURCE.)
+        if lower not in ("host", "connection") and not lower.replace("_", "-").startswith(
+                "inproc-"):
             out.add_unredirected_header(name, value)
     if remote.key is not None:
         source = exchange.source
@@ -3721,6 +3761,9 @@ class InProcHandler(urllib.request.BaseHandler):
         ctx.run(_exchange.set, exchange)
         exchange.table = table
         table.live.add(exchange)
+        if table.draining:  # drain() began in between: it may not have seen this one
+            table.forget(exchange)
+            return _answer(request, exchange, 503)
         try:
             if raw is not None:
                 return _serve_raw(request, entry, exchange, ctx, raw)
@@ -3911,12 +3954,16 @@ def _install() -> None:
 
     def redirect_request(self: Any, req: urllib.request.Request, fp: Any, code: int, msg: str,
                          headers: Any, newurl: str) -> Any:
-        if not isinstance(fp, _Response):
-            target = urllib.parse.urlsplit(newurl)
-            try:
-                served = target.scheme in ("http", "https") and _route(
-                    target.netloc.rpartition("@")[2], target.scheme)[0] is not None
-            except BridgeError:
+        exchange = fp._exchange if isinstance(fp, _Response) else None
+        if exchange is not None and exchange.remote:
+            # A remote mount's answer came over the network: not followed.
+            raise urllib.error.HTTPError(req.full_url, code, msg, headers, fp)
+        if exchange is None:
+            try:  # judged as urllib will open it: Request() unquotes the host
+                probe = urllib.request.Request(newurl)
+                served = probe.type in ("http", "https") and _route(
+                    probe.host, probe.type)[0] is not None
+            except (ValueError, BridgeError):
                 served = False  # not ours: the network's rules decide
             if served:
                 raise urllib.error.HTTPError(
@@ -4032,8 +4079,14 @@ class _InterceptSocket:
         self._raw: List[bytes] = []
         self._answer: Any = None  # what serve_raw() gave for the request under way
         self._inbox: Optional[BodyPipe] = None  # its body, for an app on a worker
+        self._abandoned: List[_HeadSlot] = []  # requests closed before their response
 
     def sendall(self, data: Any) -> None:
+        if not any(block.bridge is self._bridge for block in _blocks):
+            # The block that made this connection has ended: as a server that
+            # went away, the connection is gone (a new one goes where it may).
+            raise ConnectionResetError(errno.ECONNRESET, "the intercept() block that served "
+                                       "%s has ended" % (self._origin,))
         data = data if type(data) is bytes else memoryview(data).tobytes()
         spans = self._parser.feed(data)
         answer = self._answer
@@ -4067,9 +4120,12 @@ class _InterceptSocket:
 
         def serve() -> None:
             try:
-                slot.put(self._bridge.serve_raw(req, raw, True))
+                answer = self._bridge.serve_raw(req, raw, True)
             except BaseException as exc:  # noqa: BLE001 - the caller's, at getresponse()
-                slot.put(exc)
+                answer = exc
+            if slot in self._abandoned and hasattr(answer, "close"):
+                answer.close()  # the client left before asking for it
+            slot.put(answer)
 
         ctx = contextvars.copy_context()
         _workers.submit(lambda: ctx.run(serve))
@@ -4121,7 +4177,16 @@ class _InterceptSocket:
         pass
 
     def close(self) -> None:
-        pass
+        # Closed with a request under way (never asked for its response):
+        # the app must learn its client went away, as over TCP.
+        answer, self._answer = self._answer, None
+        if isinstance(answer, _HandlerRun):
+            answer.abort()
+        elif isinstance(answer, _HeadSlot) and self._inbox is not None:
+            self._inbox.close_writer(ConnectionAbortedError(
+                errno.ECONNABORTED, "the client closed its connection mid-request"))
+            self._abandoned.append(answer)  # its response, once made, is closed
+        self._inbox = None
 
 
 class _Rendered(_ChunkReader):
@@ -4439,15 +4504,13 @@ def _tags(key: bytes, max_age: float, method: str, target: str,
     """The (source, actor) a request was signed with, or None if it was not
     (or too long ago).  The signature is compared in constant time."""
     stamp, signature = header("inproc-time"), header("inproc-signature")
-    if stamp is None or signature is None:
+    if stamp is None or signature is None or not (stamp.isascii() and stamp.isdigit()
+                                                  and len(stamp) <= 12):
         return None
     source, actor = header("inproc-source"), header("inproc-actor")
     expected = _signature(key, stamp, method, target, source, actor)
     good = hmac.compare_digest(expected.encode("ascii"), signature.encode("latin-1", "replace"))
-    try:
-        age = time.time() - int(stamp)
-    except ValueError:
-        return None
+    age = time.time() - int(stamp)
     if not good or not -max_age <= age <= max_age:
         return None
     return (None if source is None else Source(source)), actor
@@ -4486,7 +4549,7 @@ class _TrustedWSGI:
         method = environ["REQUEST_METHOD"]
         path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")  # unquoted
         query = environ.get("QUERY_STRING", "")
-        tags = _tags(self.key, self.max_age, method, path + "?" + query if query else path,
+        tags = _tags(self.key, self.max_age, method, "%d:%s\n%s" % (len(path), path, query),
                      lambda name: environ.get("HTTP_" + name.upper().replace("-", "_")))
         if tags is None:
             start_response("401 Unauthorized", [("Content-Type", "text/plain"),

@@ -9312,6 +9312,210 @@ def test_intercept_slack_sdk_web_client():
     assert seen == [("POST", "/api/auth.test", "Bearer xoxb-test", "agents")]
 
 
+# Found by review, one test each: what an attacker or a careless client could do.
+
+
+@pytest.mark.parametrize("stamp", ["1" + "0" * 400, "9" * 13, "-5", " 12 ", "1e10", "\u0661\u0662"])
+def test_trusted_refuses_an_odd_time_with_401_not_a_crash(stamp):
+    """A huge, signed, spaced or non-ASCII Inproc-Time is a 401, from WSGI and
+    ASGI alike -- never an exception (int() of 400 digits parses; float()
+    of it overflows)."""
+    wsgi = ib.trusted(_never_called_wsgi, KEY)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/x", "QUERY_STRING": "", "SCRIPT_NAME": "",
+               "HTTP_INPROC_TIME": stamp, "HTTP_INPROC_SIGNATURE": "00" * 32,
+               "wsgi.input": io.BytesIO()}
+    started = []
+    wsgi(environ, lambda status, headers: started.append(status))
+    assert started == ["401 Unauthorized"]
+
+    async def never(scope, receive, send):  # pragma: no cover - must not run
+        raise AssertionError("the ASGI app ran")
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/x", "raw_path": b"/x",
+             "query_string": b"", "headers": [(b"inproc-time", stamp.encode("utf-8")),
+                                              (b"inproc-signature", b"00" * 32)]}
+    asyncio.run(ib.trusted(never, KEY)(scope, None, send))
+    assert sent[0]["status"] == 401
+
+
+def _never_called_wsgi(environ, start_response):  # pragma: no cover - must not run
+    raise AssertionError("the WSGI app ran")
+
+
+def test_trusted_refuses_a_signature_replayed_across_the_path_and_query(remote):
+    """/x%3Fy (a path with an encoded "?") and /x?y (a path and a query) are
+    different requests: a signature for one does not open the other."""
+    seen, captured = [], {}
+
+    def logic(req):
+        seen.append(req.target)
+        return 200, [("Content-Type", "text/plain")], [b"ok"]
+
+    inner = ib.trusted(make_app(remote.kind, logic), KEY)
+
+    def spy(environ, start_response):
+        captured.update({k: v for k, v in environ.items() if k.startswith("HTTP_INPROC_")})
+        return inner(environ, start_response)
+
+    remote.app = spy
+    factory = ib.OpenerFactory()
+    try:
+        factory.mount("api", remote.url, key=KEY)
+        with _factory_opener(factory, source="agents").open("inproc://api/x%3Fy",
+                                                            timeout=WAIT) as resp:
+            assert resp.read() == b"ok"
+    finally:
+        factory.close()
+    conn = http.client.HTTPConnection(urllib.parse.urlsplit(remote.url).netloc, timeout=WAIT)
+    try:
+        conn.request("GET", "/x?y", headers={name[5:].replace("_", "-"): value
+                                             for name, value in captured.items()})
+        assert conn.getresponse().status == 401
+    finally:
+        conn.close()
+    assert len(seen) == 1
+
+
+def test_remote_never_sends_an_underscore_spelling_of_inproc_headers(remote):
+    """A WSGI server reads Inproc_Source as HTTP_INPROC_SOURCE: that spelling
+    is stripped as well, with and without a key."""
+    wire = []
+
+    def app(environ, start_response):
+        wire.append(sorted(k for k in environ if "INPROC" in k))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    remote.app = app
+    for key in (KEY, None):
+        factory = ib.OpenerFactory()
+        try:
+            factory.mount("api", remote.url, key=key)
+            req = urllib.request.Request("inproc://api/x", headers={"Inproc_Source": "admin"})
+            with _factory_opener(factory).open(req, timeout=WAIT) as resp:
+                assert resp.read() == b"ok"
+        finally:
+            factory.close()
+    assert wire == [["HTTP_INPROC_SIGNATURE", "HTTP_INPROC_TIME"], []]
+
+
+@pytest.mark.parametrize("url", ["http://user:secret@127.0.0.1:9/base", "http://127.0.0.1:abc/"])
+def test_remote_mount_refuses_userinfo_and_a_bad_port(url):
+    with pytest.raises(ValueError) as info:
+        ib.InProcHandler().mount("api", url, key=KEY)
+    assert "secret" not in str(info.value)
+
+
+def test_intercept_refuses_a_network_redirect_to_an_encoded_mounted_host():
+    """Location: http://api%2Einternal/ is the mounted host once urllib
+    unquotes it: refused as the plain spelling is."""
+    class Redirector(QuietHandler):
+        def do_GET(self):
+            _respond(self, status=302, headers=[("Location", "http://api%2Einternal/secret"),
+                                                ("Content-Type", "text/plain")])
+
+    with _icpt_loopback(Redirector) as server:
+        with _icpt_block({_ICPT_HOST: make_app("wsgi-inline", _never_called)}):
+            with _http_error(302):
+                _net_opener().open(server.base + "/", timeout=WAIT)
+
+
+def test_intercept_does_not_follow_a_remote_mounts_redirect(remote):
+    """Under intercept() a remote mount's 3xx reaches the caller as it came,
+    never followed into another mounted host."""
+    remote.app = make_app(remote.kind, lambda req: (302, [
+        ("Location", "http://inner.internal/admin"), ("Content-Type", "text/plain")], []))
+    with _icpt_block({"far.internal": remote.url,
+                      "inner.internal": make_app("wsgi-inline", _never_called)}):
+        with _http_error(302):
+            _net_opener().open("http://far.internal/x", timeout=WAIT)
+
+
+@pytest.mark.parametrize("framing", ["length", "close"])
+def test_intercept_http_client_cut_from_a_handler_raises(framing):
+    """A Fault cut on the byte-for-byte path (http.client to a handler
+    class) ends in an error, never a clean short body."""
+    body = b"0123456789" * 10
+
+    class Handler(QuietHandler):
+        protocol_version = "HTTP/1.1" if framing == "length" else "HTTP/1.0"
+
+        def do_GET(self):
+            self.send_response(200)
+            if framing == "length":
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for i in range(0, len(body), 10):
+                self.wfile.write(body[i:i + 10])
+                self.wfile.flush()
+
+    with _icpt_block({}) as bridge:
+        bridge.mount(_ICPT_HOST, Handler, fault=ib.Fault(cut_after=15))
+        conn = http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)
+        try:
+            conn.request("GET", "/")
+            resp = conn.getresponse()
+            got = b""
+            with pytest.raises(ALLOWED):
+                for piece in iter(lambda: resp.read(7), b""):
+                    got += piece
+            assert body.startswith(got) and len(got) <= 15
+        finally:
+            conn.close()
+
+
+@pytest.mark.parametrize("app_kind", ["handler", "wsgi-worker"])
+def test_intercept_http_client_closed_mid_request_frees_the_app(app_kind):
+    """A client that closes its connection halfway through a body: the app's
+    read fails (as over TCP), and nothing is left in flight."""
+    read = {}
+    done = threading.Event()
+
+    def logic(req):
+        try:
+            while req.read(65536):
+                pass
+            read["result"] = "whole"
+        except OSError as exc:
+            read["result"] = type(exc).__name__
+        finally:
+            done.set()
+        return 200, [("Content-Type", "text/plain")], [b"late"]
+
+    with _icpt_block({_ICPT_HOST: make_app(app_kind, logic, stream=True)},
+                     network=False) as bridge:
+        conn = http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)
+        conn.putrequest("POST", "/")
+        conn.putheader("Content-Length", "100000")
+        conn.endheaders()
+        conn.send(b"x" * 70000)
+        conn.close()
+        assert done.wait(WAIT), "the app never learned its client left"
+        assert read["result"] == "ConnectionAbortedError"
+        assert bridge.drain(WAIT) == 0
+
+
+def test_intercept_connection_outliving_its_block_is_reset():
+    """A connection made inside a block and used after it: reset, not served
+    by the block's closed bridge, not sent to the network."""
+    conn = http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)
+    try:
+        with _icpt_block({_ICPT_HOST: make_app("wsgi-inline", _answer(body=b"ok"))},
+                         network=False):
+            conn.request("GET", "/1")
+            assert conn.getresponse().read() == b"ok"
+        with pytest.raises(ConnectionResetError):
+            conn.request("GET", "/2")
+            conn.getresponse()
+    finally:
+        conn.close()
+
+
 # ---------------------------------------------------------------------------
 # BodyPipe
 # ---------------------------------------------------------------------------
