@@ -3051,6 +3051,12 @@ class _Body(io.BytesIO):
         return self.getvalue()[self.tell():]
 
 
+# 3.9's http.client reports the unfilled end of its buffer as the partial of
+# a chunk it could not finish: there those bytes are lost, as they are from
+# http.client over a socket.
+_PARTIAL_KEPT = sys.version_info[:2] != (3, 9)
+
+
 class _Response(http.client.HTTPResponse):
     """The response the bridge hands out: ``http.client``'s own class, with
     two promises added.  A body that ends before its Content-Length raises
@@ -3143,9 +3149,11 @@ class _Response(http.client.HTTPResponse):
         try:
             return read(*args)
         except http.client.IncompleteRead as exc:
-            inner = exc.__cause__ or exc.__context__
+            # (raised "from exc" on 3.11+, inside its handler before; never
+            # one this method raised itself -- that one suppresses its context)
+            inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
             if self._exchange is None or self._exchange.short is None or not isinstance(
-                    inner, http.client.IncompleteRead):
+                    inner, http.client.IncompleteRead) or not _PARTIAL_KEPT:
                 raise
             raise http.client.IncompleteRead(exc.partial + inner.partial) from None
 

@@ -5946,6 +5946,10 @@ def test_asgi_loop_stops_when_the_bridge_is_collected():
 TIMED_KINDS = tuple(kind for kind in APP_KINDS if KIND_TIMEOUT[kind] is not None)
 CAPTURE = 64 * 1024  # what a Call keeps of each body
 READ_STYLES = ("read", "read(n)", "readline", "iteration")
+# Indexed by "a handler class's chunked body": 3.9's http.client loses the bytes
+# of a chunk it could not finish (as over a socket), so a cut there may deliver
+# fewer than N bytes -- still never a clean short body.
+_CHUNK_PARTIAL_LOST = (False, sys.version_info[:2] == (3, 9))
 
 
 @contextlib.contextmanager
@@ -6564,7 +6568,7 @@ def test_fault_cut_and_reset_never_give_a_clean_short_body(app_kind, fault, coun
             got, exc = _read_to_error(resp, how)
     assert exc is not None, "a clean short body: %d bytes of %d" % (len(got), len(body))
     assert isinstance(exc, error), repr(exc)
-    if fault == "cut_after":
+    if fault == "cut_after" and not _CHUNK_PARTIAL_LOST[app_kind == "handler" and not length]:
         assert got == body[:count]
     else:
         # A reset, as over a socket, may take with it bytes that were sent but
@@ -6578,7 +6582,10 @@ def test_fault_cut_after_tells_the_app_its_caller_is_gone(app_kind):
         with opener.open("inproc://api/events", timeout=timeout) as resp:
             got, exc = _read_to_error(resp, "read(n)")
             assert isinstance(exc, http.client.IncompleteRead), repr(exc)
-            assert got == _lines(3)[:25]
+            if _CHUNK_PARTIAL_LOST[app_kind == "handler"]:
+                assert _lines(3)[:25].startswith(got)
+            else:
+                assert got == _lines(3)[:25]
             assert state.cancelled.wait(WAIT), "the app was not told its caller is gone"
         assert state.done.wait(WAIT), "the app's stream did not end"
 
