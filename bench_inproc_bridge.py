@@ -1725,11 +1725,8 @@ def run_instructions(args, cfg, command, machine):
             peer_keys.add(key)
     columns = instruction_columns(uvicorn, peer_keys, args.record)
     if args.columns:
-        known = {c[0] for c in instruction_columns(True, {p[0] for p in PEERS}, True)}
-        unknown = sorted(set(args.columns) - known)
-        if unknown:
-            print("--columns: unknown %s; known: %s"
-                  % (", ".join(unknown), ", ".join(sorted(known))))
+        if _unknown_columns(args.columns, {
+                c[0] for c in instruction_columns(True, {p[0] for p in PEERS}, True)}):
             return 2
         columns = [c for c in columns if c[0] in args.columns]
     only = args.only
@@ -2046,6 +2043,14 @@ def asgi_baseline(uvicorn):
     return "uvicorn %s on 127.0.0.1 (%s %s)" % (dist_version("uvicorn"), http, dist_version(http))
 
 
+
+def _unknown_columns(asked, known):
+    """Print and return the ``--columns`` keys that are not in ``known``."""
+    unknown = sorted(set(asked) - known)
+    if unknown:
+        print("--columns: unknown %s; known: %s" % (", ".join(unknown), ", ".join(sorted(known))))
+    return unknown
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.instructions_child:
@@ -2062,12 +2067,8 @@ def main(argv=None):
     variants = make_variants(columns, uvicorn)
     peer_keys = {key for key, *_ in PEERS}
     if args.columns:
-        known = ({key for key, *_ in make_columns(True, True)}
-                 | {key for key, *_ in BASELINES} | peer_keys)
-        unknown = sorted(set(args.columns) - known)
-        if unknown:
-            print("--columns: unknown %s; known: %s"
-                  % (", ".join(unknown), ", ".join(sorted(known))))
+        if _unknown_columns(args.columns, {key for key, *_ in make_columns(True, True)}
+                            | {key for key, *_ in BASELINES} | peer_keys):
             return 2
         columns = [c for c in columns if c[0] in args.columns]
         variants = [v for v in variants if v.key in args.columns]

@@ -1206,6 +1206,13 @@ def _rpc_server(bind):
         finally:
             server.server_close()
         return
+    with _serving(server):
+        yield server
+
+
+@contextlib.contextmanager
+def _serving(server):
+    """``server`` serving in a thread; shut down, closed and joined afterwards."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
     thread.start()
     try:
@@ -4720,10 +4727,8 @@ def test_fork_parent_keeps_serving_with_its_threads(app_kind):
     assert (reports, code) == (["done"], 0)
 
 
-@pytest.mark.parametrize("start", _FORK_STARTS)
-def test_fork_child_read_of_a_parents_open_response_fails_promptly(app_kind, start):
-    gate = threading.Event()
-
+def _first_line_then_gate(gate):
+    """Logic streaming b"first\\n" at once and b"second\\n" once ``gate`` is set."""
     def logic(req):
         def chunks():
             yield b"first\n"
@@ -4732,6 +4737,13 @@ def test_fork_child_read_of_a_parents_open_response_fails_promptly(app_kind, sta
 
         return 200, [("Content-Type", "text/plain")], chunks()
 
+    return logic
+
+
+@pytest.mark.parametrize("start", _FORK_STARTS)
+def test_fork_child_read_of_a_parents_open_response_fails_promptly(app_kind, start):
+    gate = threading.Event()
+    logic = _first_line_then_gate(gate)
     # No timeout that could fire within the child's watchdog (WAIT seconds).
     timeout = 6 * WAIT if app_kind == "wsgi-worker" else None
     with serve_kind(app_kind, logic) as (opener, _):
@@ -4764,15 +4776,7 @@ def test_fork_child_drains_and_intercepts_without_the_parents_exchanges(app_kind
     the parent's exchange (it is not the child's to end), and intercept()
     works there -- no lock or block of the parent's stands in the way."""
     gate = threading.Event()
-
-    def logic(req):
-        def chunks():
-            yield b"first\n"
-            gate.wait(3 * WAIT)
-            yield b"second\n"
-
-        return 200, [("Content-Type", "text/plain")], chunks()
-
+    logic = _first_line_then_gate(gate)
     timeout = 6 * WAIT if app_kind == "wsgi-worker" else None
     with Bridge({"app": make_app(app_kind, logic)}) as (opener, handler):
         try:
@@ -6885,6 +6889,29 @@ def test_drain_with_nothing_in_flight_returns_at_once(app_kind):
     assert calls == ["/"]
 
 
+def _drain_beside(handler, opener, ping, timeout, then):
+    """(count, seconds) of handler.drain(DRAIN_GENEROUS) run in one thread while
+    another, once a request to ``ping`` is refused (drain has begun), runs
+    ``then``; both bounded by WAIT."""
+    drained, over = [], threading.Event()
+
+    def drain():
+        try:
+            started = time.monotonic()
+            drained.append(handler.drain(DRAIN_GENEROUS))
+            drained.append(time.monotonic() - started)
+        finally:
+            over.set()
+
+    def beside():
+        assert _wait_for(lambda: over.is_set() or _refusing(opener, ping, timeout)), (
+            "drain() never began refusing")
+        then()
+
+    _run_threads([drain, beside], WAIT)
+    return tuple(drained)
+
+
 def test_drain_lets_an_in_flight_stream_that_ends_in_time_complete_intact(app_kind):
     """A drain begun mid-stream: the stream still ends within the deadline, the caller
     reads every byte, and drain() returns 0 as soon as it is done, not at the deadline."""
@@ -6903,29 +6930,18 @@ def test_drain_lets_an_in_flight_stream_that_ends_in_time_complete_intact(app_ki
 
         return 200, [("Content-Type", "text/plain")], chunks()
 
-    drained, over = [], threading.Event()
     with Bridge({"app": make_app(app_kind, logic)}) as (opener, handler):
         with opener.open("inproc://app/stream", timeout=timeout) as resp:
             assert resp.read(len(FIRST)) == FIRST
             read = {}
 
-            def drain():
-                try:
-                    started = time.monotonic()
-                    drained.append(handler.drain(DRAIN_GENEROUS))
-                    drained.append(time.monotonic() - started)
-                finally:
-                    over.set()
-
             def finish():
-                assert _wait_for(lambda: over.is_set() or _refusing(
-                    opener, "inproc://app/ping", timeout)), "drain() never began refusing"
                 release.set()
                 read["rest"] = resp.read()
 
-            _run_threads([drain, finish], WAIT)
+            count, seconds = _drain_beside(handler, opener, "inproc://app/ping", timeout,
+                                           finish)
         assert read["rest"] == b"second|third"
-    count, seconds = drained
     assert count == 0
     assert seconds < DRAIN_GENEROUS - 1.0, "drain() waited for its deadline"
     assert waited == [True]
@@ -6963,30 +6979,15 @@ def test_drain_returns_once_the_caller_closes_its_stream(app_kind):
     timeout = KIND_TIMEOUT[app_kind]
     seen = []
     apps = {"endless": _endless_app(app_kind, seen), "ping": make_app(app_kind, _ok([]))}
-    drained, over = [], threading.Event()
     with Bridge(apps) as (opener, handler):
         resp = opener.open("inproc://endless/", timeout=timeout)
         try:
             assert resp.read(len(FIRST)) == FIRST
-
-            def drain():
-                try:
-                    started = time.monotonic()
-                    drained.append(handler.drain(DRAIN_GENEROUS))
-                    drained.append(time.monotonic() - started)
-                finally:
-                    over.set()
-
-            def leave():
-                assert _wait_for(lambda: over.is_set() or _refusing(
-                    opener, "inproc://ping/", timeout)), "drain() never began refusing"
-                resp.close()
-
-            _run_threads([drain, leave], WAIT)
+            count, seconds = _drain_beside(handler, opener, "inproc://ping/", timeout,
+                                           resp.close)
         finally:
             resp.close()
         assert _wait_for(lambda: seen), "the app never learnt its caller left"
-    count, seconds = drained
     assert count == 0
     assert seconds < DRAIN_GENEROUS - 1.0, "drain() waited for its deadline"
     assert seen == [_left(app_kind)]
@@ -7101,20 +7102,27 @@ def _first_then_late(release):
     return logic
 
 
-def test_drain_cancels_an_endless_remote_stream_at_the_deadline(remote):
+@contextlib.contextmanager
+def _remote_stream(remote, timeout):
+    """(handler, response) of a remote mount streaming FIRST (already read),
+    then b"late" only once the test is over."""
     release = threading.Event()
-    logic = _first_then_late(release)
-    remote.app = make_app(remote.kind, logic)
+    remote.app = make_app(remote.kind, _first_then_late(release))
     handler = ib.InProcHandler({"far": remote.url})
     try:
-        with _bridge_opener(handler).open("inproc://far/", timeout=WAIT) as resp:
+        with _bridge_opener(handler).open("inproc://far/", timeout=timeout) as resp:
             assert resp.read(len(FIRST)) == FIRST
-            assert handler.drain(DRAIN_DEADLINE) == 1
-            with pytest.raises(ALLOWED):
-                resp.read()
+            yield handler, resp
     finally:
         release.set()
         handler.close()
+
+
+def test_drain_cancels_an_endless_remote_stream_at_the_deadline(remote):
+    with _remote_stream(remote, WAIT) as (handler, resp):
+        assert handler.drain(DRAIN_DEADLINE) == 1
+        with pytest.raises(ALLOWED):
+            resp.read()
 
 
 @pytest.mark.parametrize("leave", ["normally", "by an exception"])
@@ -7727,18 +7735,9 @@ def test_remote_timeout_raises_socket_timeout_when_the_server_never_answers():
 
 
 def test_remote_timeout_between_body_chunks_raises_socket_timeout(remote):
-    release = threading.Event()
-    logic = _first_then_late(release)
-    remote.app = make_app(remote.kind, logic)
-    handler = ib.InProcHandler({"api": remote.url})
-    try:
-        with _bridge_opener(handler).open("inproc://api/", timeout=SHORT_TIMEOUT) as resp:
-            assert resp.read(len(FIRST)) == FIRST
-            with pytest.raises(socket.timeout):
-                resp.read()
-    finally:
-        release.set()
-        handler.close()
+    with _remote_stream(remote, SHORT_TIMEOUT) as (_, resp):
+        with pytest.raises(socket.timeout):
+            resp.read()
 
 
 @pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
@@ -8321,16 +8320,8 @@ class _IcptNetHandler(QuietHandler):
 @contextlib.contextmanager
 def _icpt_loopback(handler=_IcptNetHandler):
     """A counting loopback server serving ``handler``; shut down afterwards."""
-    server = _IcptServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
-    thread.start()
-    try:
+    with _serving(_IcptServer(("127.0.0.1", 0), handler)) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(WAIT)
-        assert not thread.is_alive(), "the loopback server thread did not stop"
 
 
 def _icpt_net(server):
