@@ -4144,6 +4144,16 @@ class _InterceptSocket:
         self.sendall(data)
         return len(data)
 
+    def _serve_answer(self) -> Any:
+        answer = self._answer
+        if answer is None:
+            answer = self._bridge.serve_raw(self._request(), b"".join(self._raw), True)
+        elif isinstance(answer, _HeadSlot):
+            answer = answer.take(None)  # the worker's: a response, or what it raised
+            if isinstance(answer, BaseException):
+                raise answer
+        return answer
+
     def _request(self, body: Any = None) -> _RawRequest:
         parser = self._parser
         method, _, rest = parser.line.partition(" ")
@@ -4162,17 +4172,20 @@ class _InterceptSocket:
         return req
 
     def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
-        answer, method = self._answer, self._parser.line.partition(" ")[0]
-        if answer is None:
-            answer = self._bridge.serve_raw(self._request(), b"".join(self._raw), True)
-        elif isinstance(answer, _HeadSlot):
-            answer = answer.take(None)  # the worker's: a response, or what it raised
-            if isinstance(answer, BaseException):
-                raise answer
+        # What goes wrong comes from the first read, as off a socket: here
+        # http.client is still making its response object, which must not
+        # be left half made.
+        method = self._parser.line.partition(" ")[0]
+        try:
+            answer = self._serve_answer()
+            if answer is None:
+                raise BridgeError("%s is no longer mounted" % (self._origin,))
+        except Exception as exc:  # noqa: BLE001 - raised at the read instead
+            answer = exc
         self._parser, self._body, self._raw, self._answer = _RawParser(None), [], [], None
         self._inbox = None
-        if answer is None:
-            raise BridgeError("%s is no longer mounted" % (self._origin,))
+        if isinstance(answer, BaseException):
+            return io.BufferedReader(_Failing(answer))
         if isinstance(answer, _HandlerRun):
             answer.end_request()
             return io.BufferedReader(answer.exchange.pipe)  # type: ignore[arg-type]
@@ -4195,6 +4208,18 @@ class _InterceptSocket:
                 errno.ECONNABORTED, "the client closed its connection mid-request"))
             self._abandoned.append(answer)  # its response, once made, is closed
         self._inbox = None
+
+
+class _Failing(_ChunkReader):
+    """A response file whose first read raises what serving the request
+    raised (a timeout, a refused host)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self._error = error
+
+    def _next_chunk(self, want: int) -> Optional[bytes]:
+        raise self._error
 
 
 class _Rendered(_ChunkReader):
