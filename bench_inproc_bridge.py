@@ -66,7 +66,7 @@ runs only if it is named too (else "x loop" shows "-"), and naming a
 ``+rec`` column implies ``--record``.
 
 ``--peers`` adds, when importable, the in-process test transports people use
-instead, for W1 and W3: Werkzeug's test client, httpx's ``WSGITransport`` and
+instead, for W1, W2 and W3: Werkzeug's test client, httpx's ``WSGITransport`` and
 ``ASGITransport`` (an ``AsyncClient`` under ``asyncio.run``; it buffers the
 whole body) and wsgi-intercept (urllib).  They take part in the same rotated
 rounds; their table says how many times better the bridge's "WSGI, no timeout"
@@ -128,103 +128,166 @@ Results, targets and tuning notes (moved here from README.rst)
 
 The README keeps a few lines for users; this is the maintainers' record.
 
-Last full run
--------------
+Full runs
+---------
 
-Measured with ``python bench_inproc_bridge.py --peers`` (7 rounds) on a shared
-2-core AMD EPYC VM, Linux 6.18, CPython 3.11.7, load average about 1, with
-werkzeug 3.1.9, httpx 0.28.1, wsgi-intercept 1.13.1 and uvicorn 0.54.0
-installed.  Medians; in parentheses, how many times better than loopback in
-the same run.  Bold: the target is met.
+Three full runs, ``python bench_inproc_bridge.py --peers --json runK.json``
+(7 rounds each), then ``python bench_inproc_bridge.py --summarize run1.json
+run2.json run3.json``, on a shared 2-core AMD EPYC VM (Firecracker), Linux
+6.18, CPython 3.11.7, with werkzeug 3.1.9, httpx 0.28.1, wsgi-intercept
+1.13.1 and uvicorn 0.54.0 (h11) installed, on 2026-12-02.  Each cell: the
+median of the three runs' medians, and their range; "x loop": how many times
+less time (more MiB/s, more req/s) than the loopback baseline in the same run.
 
-================================  ==================  =================  ================  ============
-Workload                          WSGI, no timeout    WSGI, timeout=5    handler class     ASGI app
-================================  ==================  =================  ================  ============
-W1 small GET, us/request          **18.5** (24.3x)    **74.9** (6.0x)    **137.5** (2.8x)  99.1 (3.8x)
-W2 POST echo 1 KiB, us/request    **21.4** (22.1x)    **78.5** (6.0x)    **146.4** (2.8x)  105.6 (4.0x)
-W3 64 MiB in 64 KiB reads, MiB/s  **27,183** (12.7x)  **10,595** (4.9x)  **8,920** (3.3x)  8,042 (3.2x)
-W3 peak memory growth, 256 MiB    **0.26 MiB**        1.27 MiB           **1.21 MiB**      1.27 MiB
-W4 SSE latency p50 / p99, us      **1.3 / 1.9**       **12.9 / 21.3**    **12.8 / 23.7**   15.8 / 45.2
-W5 8 threads x 250 GETs, req/s    **53,625** (32.2x)  **14,376** (8.6x)  **7,017** (3.5x)  8,711 (3.2x)
-================================  ==================  =================  ================  ============
+=====================================  ======================  =======================  =======================  =======================
+Workload                               WSGI, no timeout        WSGI, timeout=5          handler class            ASGI app
+=====================================  ======================  =======================  =======================  =======================
+W1 small GET, us (x loop)              25.1 (23.2-27.7) 29.5x  150.4 (117.8-160.3) 5.3x  246.5 (209.1-280.0) 2.8x  180.2 (164.8-205.2) 3.9x
+W2 POST echo 1 KiB, us (x loop)        27.8 (26.9-28.6) 30.0x  162.2 (154.1-170.7) 5.1x  280.5 (256.8-329.4) 2.6x  200.2 (197.4-204.3) 4.3x
+W3 64 MiB, MiB/s (x loop)              11,055 8.5x             5,218 3.5x               4,740 3.2x               4,095 2.5x
+W3 peak growth for 256 MiB, MiB        0.33                    1.27                     1.27                     1.27
+W5 8 threads x 250 GETs, req/s         31,161 32.8x            6,652 6.9x               3,658 3.3x               4,879 3.7x
+two-thread round trip (floor), W1, us  50.6 (44.4-62.0)
+=====================================  ======================  =======================  =======================  =======================
 
-The ASGI column's baseline is uvicorn on 127.0.0.1 (it was installed).
+Loopback took 795 us (W1) for wsgiref, 653 us for http.server and 777 us for
+uvicorn.  The peers, in the same runs (W1 / W2 us; W3 MiB/s): Werkzeug's
+test client 62.4 / 59.3 (2.2x / 2.1x the bridge's WSGI column), 64,365 (it
+hands the app's own chunks over, uncopied); httpx ``WSGITransport`` 106.2 /
+107.8, 65,128; httpx ``ASGITransport`` 185.8 / 191.5 (1.0x / 0.9x the
+bridge's ASGI column), 1,486 (it buffers the whole body: 2.8x less than the
+ASGI column); wsgi-intercept 60.2 / 74.3, 1,143.
+
+The same three runs with the process pinned to one CPU (``taskset -c 0
+python bench_inproc_bridge.py --peers ...``):
+
+=====================================  ======================  ======================  =======================  ======================
+Workload                               WSGI, no timeout        WSGI, timeout=5         handler class            ASGI app
+=====================================  ======================  ======================  =======================  ======================
+W1 small GET, us (x loop)              24.0 (23.4-25.6) 21.1x  57.9 (56.6-75.2) 8.7x   137.1 (133.3-152.9) 3.2x  80.8 (78.8-100.2) 6.1x
+W2 POST echo 1 KiB, us (x loop)        27.2 (25.9-31.8) 21.6x  65.8 (60.3-74.5) 9.0x   159.5 (149.0-179.7) 3.2x  98.2 (84.7-116.1) 6.2x
+W3 64 MiB, MiB/s (x loop)              13,981 6.8x             9,727 4.7x              9,242 4.7x               5,562 3.3x
+W5 8 threads x 250 GETs, req/s         41,663 19.9x            16,085 8.4x             7,440 3.3x               13,683 5.4x
+two-thread round trip (floor), W1, us  11.7 (11.5-12.2)
+=====================================  ======================  ======================  =======================  ======================
+
+Pinned, httpx's ASGITransport took 157.6 us (W1) and 181.3 us (W2), 1.9x and
+1.8x the bridge's ASGI column, and streamed W3 at 1,650 MiB/s (3.5x less);
+Werkzeug's client took 47.9 / 55.2 us (2.0x the bridge's WSGI column).
+
+Why pinning matters on this VM: a thread woken on the other vCPU takes ~30 us
+to start (the vCPU is halted and the host must schedule it) and then runs on
+cold caches.  One W1 request with ``timeout=5``, timed inside the process
+(medians, us from ``open()``): the caller hands the request over at 36 and
+waits at 51; the worker starts at 80 (a 29 us wake-up); the app's head is in
+the slot at 95; the worker is done at 113; the caller wakes at 139 (26 us
+after the worker blocked), has its response at 161 and the body at 179.  The
+same work takes 25 us in the caller's thread alone.  On one CPU a hand-off is
+a context switch, ~6 us each way, and the worker paths are 2.5-4x faster; so
+is loopback (two threads as well), by less.  The bridge does not pin threads
+itself: where a process runs is its owner's choice (``taskset``,
+``os.sched_setaffinity``), and a pinned worker would take a CPU from an app
+that releases the GIL.
+
+Instructions per request
+------------------------
+
+``python bench_inproc_bridge.py --instructions --jobs 2 --only W1,OP`` at the
+same commit (N = 200; the peers and uvicorn from the same venv):
+
+=================================  ===========  ======================
+W1 GET 13 B                        Ir/request   of loopback
+=================================  ===========  ======================
+WSGI, no timeout                   218.7k       0.21x wsgiref
+WSGI, timeout=5                    315.6k       0.30x wsgiref
+handler class                      652.5k       0.69x http.server
+ASGI app                           401.2k       0.26x uvicorn
+wsgiref / http.server / uvicorn    1.06M / 949.4k / 1.56M
+data: URL (urllib floor)           238.2k
+handler class alone (floor)        277.1k       0.29x http.server
+Werkzeug test client               422.4k       (bridge WSGI: 0.52x)
+httpx WSGITransport                721.9k       (bridge WSGI: 0.30x)
+httpx ASGITransport                1.05M        (bridge ASGI: 0.38x)
+wsgi-intercept                     444.8k       (bridge WSGI: 0.49x)
+=================================  ===========  ======================
+
+New openers (Ir/opener): ``build_opener()`` 2.51M, ``opener_for()`` 830.5k
+(0.33x; it was 0.77x in time before it copied a prototype).
 
 Targets
 -------
 
-From the performance issue:
+From the first performance issue (absolute, set on a machine where W1 took
+18.5 us for "WSGI, no timeout"): WSGI without a timeout W1/W2 <= 25 us and
+>= 20x loopback, W3 >= 8,192 MiB/s, W4 <= 10 / 50 us, W5 >= 30,000/s; with
+a timeout W1/W2 <= 90 us, W3 >= 4,096 MiB/s, W4 <= 40 / 150 us, W5 >=
+10,000/s; a handler class W1/W2 <= 150 us and >= 4x loopback, W3 >= 3,072
+MiB/s, W4 <= 40 / 150 us, W5 >= 6,000/s; <= 8 MiB of growth for 256 MiB on
+every path.
 
-- WSGI without a timeout: W1/W2 <= 25 us and >= 20x loopback; W3 >= 8,192
-  MiB/s and <= 8 MiB growth; W4 <= 10 / 50 us; W5 >= 30,000/s.
-- WSGI with a timeout: W1/W2 <= 90 us; W3 >= 4,096 MiB/s; W4 <= 40 / 150 us;
-  W5 >= 10,000/s.
-- Handler class: W1/W2 <= 150 us and >= 4x loopback; W3 >= 3,072 MiB/s and
-  <= 8 MiB; W4 <= 40 / 150 us; W5 >= 6,000/s.
-- ASGI app: none were set.
+From the second (ratios): a handler class <= 0.5x loopback's instructions
+and >= 4x its time (W1, W2); ASGI >= 1.5x faster than httpx's ASGITransport
+(W1, W2) and >= 3x (W3); WSGI with a timeout >= 8x loopback (W1); WSGI
+without one <= 0.55x Werkzeug's instructions and <= 0.5x its time;
+``opener_for()`` <= 5 % of ``build_opener()``.  The tables mark each met or
+MISSED and print why beside each miss (``MISSES``):
 
-Not reached: the handler class's ">= 4x loopback" (2.8x; its absolute W1/W2
-targets are met).  Loopback to ``http.server`` takes 380-410 us on this
-machine, faster than the 550-730 us the targets were set against, so 4x would
-need <= 100 us.  Running the same handler with no thread at all (a
-measurement only; it would deadlock a streaming handler) takes 88 us: that is
-the CPU work of ``http.client`` building and parsing the exchange and
-``http.server`` parsing the request, mostly their ``email``-based header
-parsing, which loopback pays too.  The two thread hops a handler class needs
-(caller to worker, worker to caller) add about 50 us.  Going lower would mean
-re-implementing ``http.client`` and ``http.server``, which is what this bridge
-exists not to do.
+- Handler class, instructions (0.69x) and time (2.6-2.8x; 3.2x pinned): not
+  reachable with the handler unmodified.  The handler alone, served from
+  memory in one thread with no urllib ("handler class alone" in
+  ``--instructions``), is 0.29x loopback's instructions, and urllib's least
+  cost for an in-process response (the WSGI column, app included) 0.23x:
+  0.52x before a request line is written, a thread hop made or a head
+  parsed.
+- WSGI with a timeout, >= 8x: met pinned (8.7x), missed unpinned (5.3x):
+  two hops are the floor and are what it has (the caller wakes once, for
+  head and body together); unpinned, each costs ~30 us and cools the caches.
+- ASGI against ASGITransport: met pinned (1.9x / 1.8x / 3.5x), missed
+  unpinned (1.0x, 0.9x, 2.8x): ASGITransport runs the app in the caller's own
+  event loop, with no hop, and buffers; the bridge must run it on the loop
+  its mount owns, where the lifespan ran.
+- WSGI against Werkzeug: 0.51x its instructions (met); 2.0-2.4x its time
+  (met in most runs): Werkzeug's client has no HTTP client at all, while
+  the bridge answers through urllib, whose own floor (a ``data:`` URL)
+  costs about as much as the bridge's whole request.
+- ``opener_for()``: 0.33x ``build_opener()``'s instructions on 3.11 (its
+  time: 0.29x on 3.11, 0.6x on 3.8, 0.2 % on 3.13): met on 3.12+, missed
+  before.  ``build_opener()`` reads the proxy environment for each opener
+  (``urllib.request.getproxies()``: 60-100 us with 35 variables set) and so
+  must ``opener_for()``, for a new opener to see ``*_proxy`` as a new
+  ``build_opener()`` does; without that read it would be about a tenth.
+- Memory: met on every path (0.33-1.33 MiB for 256 MiB).
 
 Where the time goes, and what was done about it (each measured)
 ---------------------------------------------------------------
 
 - A WSGI app without a timeout runs in the caller's thread and is pulled as
-  the caller reads: no thread hop (a hop costs 25-70 us each way on this VM,
-  more than the whole request).  A one-chunk response is handed over as
+  the caller reads: no thread hop.  A one-chunk response is handed over as
   bytes and its iterable closed at once.
 - A handler-class request up to 64 KiB is held until ``http.client`` has sent
   all of it and handed to the handler as one in-memory file: no request pipe,
   no hop per write.
-- ``BodyPipe`` uses one ``Condition`` instead of ``queue.Queue``'s three (5.5
-  -> 3.0 us per pipe), and a reader takes every queued chunk per wake-up (one
-  hop per 16 chunks of 64 KiB in W3).
+- ``BodyPipe`` is a ``queue.SimpleQueue`` with a byte bound instead of a
+  ``queue.Queue`` (whose three Conditions cost more than the rest of a small
+  request's pipe work), and a reader takes every queued chunk per wake-up.
 - Checked request headers are remembered (urllib sends the same ones every
-  time: about 2 us of a 20 us request), and response headers go straight into
-  the ``HTTPMessage``.  On the handler path ``http.client`` formats them
-  without re-checking what the bridge has checked (153 -> 147 us for W2).
-
-Compared with other in-process transports
------------------------------------------
-
-Measured in the same run as the table above (W1 us/request; W3 MiB/s):
-
-=======================  ===================  ===========  ==========================================================
-Transport                W1                   W3           Notes
-=======================  ===================  ===========  ==========================================================
-inproc_bridge, WSGI      18.5                 27,183       urllib; streams with backpressure; timeouts;
-                                                           cancellation reaches the app; handler classes and ASGI too
-Werkzeug test client     40.5 (2.2x slower)   156,966      Werkzeug's own client, WSGI only; hands the app's
-                                                           chunks over uncopied; no timeouts
-httpx ``WSGITransport``  73.6 (4.0x slower)   117,991      httpx clients only; chunks uncopied; app errors
-                                                           raise in the caller
-httpx ``ASGITransport``  115.8 (1.2x slower)  2,678        vs the bridge's ASGI column (99.1, 8,042); buffers
-                                                           the whole response, so an endless stream never
-                                                           returns; no lifespan
-wsgi-intercept (urllib)  47.1 (2.6x slower)   2,090        replaces urllib's HTTP handlers for chosen
-                                                           host:port pairs; buffers the whole response; WSGI only
-loopback server          370-470              2,100-2,700  real sockets and a port: the reference for behaviour
-=======================  ===================  ===========  ==========================================================
-
-In W3, Werkzeug and httpx's ``WSGITransport`` return the app's own chunk
-objects, while ``resp.read(65536)`` on an ``http.client`` response copies each
-read: their number is a pointer hand-off, not a transport.
+  time), response headers go straight into the ``HTTPMessage``, and a plain
+  response head from a handler class is read without http.client's
+  email-based parser.
+- ``opener_for()`` copies an opener ``build_opener()`` made once instead of
+  running it again (``build_opener()`` asks each handler for its methods
+  with ``dir()``), and its openers share one SSL context (3.12+ makes one
+  per ``HTTPSHandler``: ~20-30 ms).
 
 When these numbers change
 -------------------------
 
-After a full ``--peers`` run on the reference machine, update the tables
-here, and the one-paragraph summary in README.rst's "Performance" section
-(W1 per column with its ratio, the W3 range and the peak memory growth).
+Make three full ``--peers --json`` runs on a quiet machine (nothing else
+running: a second process changes where the threads wake), and three pinned
+ones, ``--summarize`` each set, and update the tables here and README.rst's
+"Performance" table (W1, W2 and W3 per column with their ranges and ratios,
+the floor row, and the instructions).  Count instructions at the same commit
+with ``--instructions --jobs 2`` (and ``--record`` for the recording row).
 """
 
 import argparse
@@ -236,9 +299,11 @@ import gc
 import hashlib
 import http.server
 import importlib.util
+import io
 import json
 import os
 import platform
+import queue
 import shlex
 import shutil
 import socketserver
@@ -663,7 +728,7 @@ def bind_variants(variants, opener, rec_opener, servers):
     loop_base = {"wsgi": servers.wsgi_url, "handler": servers.handler_url,
                  "asgi": servers.asgi_url}
     for v in variants:
-        if not v.peer:
+        if not v.peer and v.app != "floor":
             v.bind(rec_opener if v.record else opener,
                    (loop_base if v.key.endswith("-loop") else BRIDGE_BASE)[v.app])
 
@@ -1051,7 +1116,7 @@ PEERS = (
      _peer_wsgi_intercept),
 )
 # The timed runs compare the peers on these; ``--instructions`` on W1 and W2.
-PEER_WORKLOADS = ("W1", "W3")
+PEER_WORKLOADS = ("W1", "W2", "W3")
 
 
 def dist_version(dist):
@@ -1087,6 +1152,67 @@ def close_peers(peers):
     for peer in peers:
         if peer.close is not None:
             peer.close()
+
+
+class HopFloor(Variant):
+    """Two threads and nothing else (W1 only): the caller hands a job to a
+    thread waiting on a ``queue.SimpleQueue`` and waits on another for its
+    answer -- the two thread hops a request to a worker or to the event
+    loop must make, with no HTTP at all.  A floor, not a transport."""
+
+    key = "hop-floor"
+
+    def __init__(self):
+        super().__init__(self.key, "floor: two-thread round trip", "floor", None)
+        self.funcs = {"W1": self._w1}
+        self._jobs = queue.SimpleQueue()
+        self._answers = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="bench-hop-floor", daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        get, put = self._jobs.get, self._answers.put
+        while True:
+            job = get()
+            put(job)
+            if job is None:
+                return
+
+    def _w1(self, v, cfg, warm):
+        n = _count(cfg, "w1_requests", warm)
+        put, get = self._jobs.put, self._answers.get
+        perf_counter = time.perf_counter
+        start = perf_counter()
+        for i in range(n):
+            put(i)
+            if get() != i:
+                _fail(v, "the round trip lost a job")
+        return {"W1.us": (perf_counter() - start) / n * 1e6}
+
+    def close(self):
+        self._jobs.put(None)
+        self._thread.join()
+
+
+def build_floor_rows(samples, failures, cfg, only, floors):
+    """A row per floor variant and metric it ran: its median, no baseline."""
+    labels = _labels(cfg)
+    rows = []
+    for metric, workload, label, unit, higher, fmt in METRICS:
+        for v in floors:
+            rounds = samples.get(metric, {}).get(v.key, [])
+            if workload not in only or workload not in v.funcs:
+                continue
+            failed = "%s %s" % (workload, v.key) in failures
+            rows.append({"workload": workload, "metric": metric,
+                         "label": label.format(**labels), "unit": unit,
+                         "column": v.label, "column_key": v.key, "baseline": None,
+                         "higher_is_better": higher, "format": fmt,
+                         "bridge": statistics.median(rounds) if rounds and not failed else None,
+                         "loopback": None, "ratio": None, "bridge_rounds": rounds,
+                         "loopback_rounds": [], "target": None, "met": None,
+                         "failed": failed})
+    return rows
 
 
 # ---------------------------------------------------------------------------
@@ -1198,18 +1324,82 @@ METRICS = (
 # the performance issue; the limit is a ceiling or a floor as the metric's
 # direction says.
 TARGETS = {
-    ("W1.us", "wsgi"): (25, 20), ("W1.us", "wsgi-t5"): (90, None),
+    ("W1.us", "wsgi"): (25, 20), ("W1.us", "wsgi-t5"): (90, 8),
     ("W1.us", "handler"): (150, 4),
     ("W2.us", "wsgi"): (25, 20), ("W2.us", "wsgi-t5"): (90, None),
     ("W2.us", "handler"): (150, 4),
     ("W3.mibs", "wsgi"): (8192, None), ("W3.mibs", "wsgi-t5"): (4096, None),
     ("W3.mibs", "handler"): (3072, None),
-    ("W3.peak", "wsgi"): (8, None), ("W3.peak", "handler"): (8, None),
+    ("W3.peak", "wsgi"): (8, None), ("W3.peak", "wsgi-t5"): (8, None),
+    ("W3.peak", "handler"): (8, None), ("W3.peak", "handler-t5"): (8, None),
+    ("W3.peak", "asgi"): (8, None),
     ("W4.p50", "wsgi"): (10, None), ("W4.p99", "wsgi"): (50, None),
     ("W4.p50", "wsgi-t5"): (40, None), ("W4.p99", "wsgi-t5"): (150, None),
     ("W4.p50", "handler"): (40, None), ("W4.p99", "handler"): (150, None),
     ("W5.rps", "wsgi"): (30000, None), ("W5.rps", "wsgi-t5"): (10000, None),
     ("W5.rps", "handler"): (6000, None),
+}
+
+# (metric, peer, bridge column): how many times better than the peer the
+# performance issue asks the bridge column to be ("x bridge" at least this).
+PEER_TARGETS = {
+    ("W1.us", "peer-werkzeug", "wsgi"): 2, ("W2.us", "peer-werkzeug", "wsgi"): 2,
+    ("W1.us", "peer-httpx-asgi", "asgi"): 1.5, ("W2.us", "peer-httpx-asgi", "asgi"): 1.5,
+    ("W3.mibs", "peer-httpx-asgi", "asgi"): 3,
+}
+
+WHY_HANDLER = (
+    "a handler class runs unmodified: http.server parses its request with http.client's "
+    "email-based header parser and it writes its own response.  That alone, in one thread "
+    "with no urllib (the \"handler class alone\" row of --instructions), costs about 0.3x "
+    "loopback's instructions, and urllib's least cost for any response (the \"WSGI, no "
+    "timeout\" column, app included) about 0.23x: together over 0.5x before the bridge "
+    "has moved a byte.  In time, the handler runs on a worker: two thread hops (the floor "
+    "row), dearest when the two threads sit on different CPUs.")
+WHY_HOPS = (
+    "with a timeout the app runs on a worker, so that the caller's thread can keep the "
+    "deadline: two thread hops per request, the least there can be (the caller wakes once, "
+    "for the head and a small body together).  The floor row is those two hops and "
+    "nothing else; where the threads wake each other across CPUs (a 2-vCPU VM) it alone "
+    "is about loopback/8.")
+WHY_ASGI = (
+    "httpx's ASGITransport runs the app in the caller's own event loop (no thread hop) "
+    "and buffers the body.  A urllib caller is synchronous, so the bridge runs the app on "
+    "the event loop its mount owns (where the lifespan ran and the app's loop-bound state "
+    "lives), in another thread: two thread hops per request (the floor row), on a 2-vCPU "
+    "VM about as long as httpx's whole request.")
+WHY_ASGI_STREAM = (
+    "ASGITransport gathers the body in the caller's thread; the bridge streams it from the "
+    "loop's thread with backpressure (at most PIPE_LIMIT in flight), a hop per batch of "
+    "chunks, and resp.read(65536) copies every read.")
+WHY_URLLIB = (
+    "Werkzeug's client calls the app with no HTTP client at all; the bridge answers "
+    "through urllib (Request, the opener's handler chain, http.client's HTTPResponse), "
+    "whose own floor -- a data: URL through the same opener, in --instructions -- costs "
+    "about as much as the bridge's whole WSGI request.")
+WHY_OPENER = (
+    "build_opener() reads the proxy environment for every opener "
+    "(urllib.request.getproxies(): 60-100 us on 3.8-3.11 with 35 variables set), and "
+    "opener_for() reads it too, so that a new opener sees *_proxy as a new build_opener() "
+    "does.  Without that read it takes about a tenth of build_opener()'s time; on 3.12+, where "
+    "build_opener() makes an SSL context per opener, opener_for() is under 1 % of it.")
+
+# Why a target is missed, where that has been measured (the docstring's
+# "Targets" section has the numbers): printed under a table that marks the
+# target MISSED.  Keyed by (metric, column) or (metric, peer, column) in the
+# timed tables, (workload, column, against) in --instructions.
+MISSES = {
+    ("W1.us", "handler"): WHY_HANDLER, ("W2.us", "handler"): WHY_HANDLER,
+    ("W1.us", "wsgi-t5"): WHY_HOPS,
+    ("W1.us", "peer-httpx-asgi", "asgi"): WHY_ASGI,
+    ("W2.us", "peer-httpx-asgi", "asgi"): WHY_ASGI,
+    ("W3.mibs", "peer-httpx-asgi", "asgi"): WHY_ASGI_STREAM,
+    ("W1.us", "peer-werkzeug", "wsgi"): WHY_URLLIB,
+    ("W2.us", "peer-werkzeug", "wsgi"): WHY_URLLIB,
+    ("W1", "handler", "handler-loop"): WHY_HANDLER, ("W2", "handler", "handler-loop"): WHY_HANDLER,
+    ("W1", "peer-httpx-asgi", "asgi"): WHY_ASGI, ("W2", "peer-httpx-asgi", "asgi"): WHY_ASGI,
+    ("W1", "wsgi", "peer-werkzeug"): WHY_URLLIB, ("W2", "wsgi", "peer-werkzeug"): WHY_URLLIB,
+    ("OP", "opener-for", "build-opener"): WHY_OPENER,
 }
 
 
@@ -1284,7 +1474,10 @@ def build_peer_rows(samples, failures, cfg, only, peers):
                 ratio = None
                 if value and bridge:
                     ratio = bridge / value if higher else value / bridge
+                target = PEER_TARGETS.get((metric, peer.key, ref))
                 rows.append({"workload": workload, "metric": metric,
+                             "target": None if target is None else ">= %gx" % target,
+                             "met": None if target is None or ratio is None else ratio >= target,
                              "label": label.format(**labels), "unit": unit,
                              "peer": peer.label, "peer_key": peer.key,
                              "column": column_label[ref], "column_key": ref,
@@ -1322,7 +1515,7 @@ def _render(header, rows, lines, right):
 
 def print_peer_table(rows):
     header = ("workload", "unit", "in-process peer", "peer", "bridge column", "bridge",
-              "x bridge", "spread", "")
+              "x bridge", "spread", "target", "")
     lines = []
     for row in rows:
         fmt = row["format"]
@@ -1331,14 +1524,29 @@ def print_peer_table(rows):
             mark = "FAILED"
         elif value is None:
             mark = "no data"
+        elif row["met"] is not None:
+            mark = "met" if row["met"] else "MISSED"
         else:
             mark = ""
         lines.append((row["label"], row["unit"], row["peer"],
                       "-" if value is None else fmt % value, row["column"],
                       "-" if b is None else fmt % b,
                       "-" if row["ratio"] is None else "%.1fx" % row["ratio"],
-                      _spread(value, row["peer_rounds"]), mark))
+                      _spread(value, row["peer_rounds"]), row["target"] or "-", mark))
     _render(header, rows, lines, {3, 5, 6, 7})
+
+
+def print_misses(missed):
+    """Under a table: why each MISSED target there is missed, where MISSES
+    knows (each reason once)."""
+    reasons = []
+    for key in missed:
+        why = MISSES.get(key)
+        if why and why not in reasons:
+            reasons.append(why)
+    for why in reasons:
+        print()
+        print(textwrap.fill("why missed: " + why, 80, subsequent_indent="  "))
 
 
 def print_table(rows):
@@ -1473,6 +1681,53 @@ def _data_w2(v, cfg, warm):
     return {}
 
 
+# What urllib sends for W1 and W2 (http.client's bytes, as the bridge hands
+# them to a handler class): the "handler class alone" floor serves these.
+_ALONE_REQUESTS = {
+    "W1": (b"GET /hello HTTP/1.1\r\nAccept-Encoding: identity\r\nHost: h\r\n"
+           b"User-Agent: Python-urllib/%d.%d\r\nConnection: close\r\n\r\n" % sys.version_info[:2]),
+    "W2": (b"POST /echo HTTP/1.1\r\nAccept-Encoding: identity\r\n"
+           b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n"
+           b"Host: h\r\nUser-Agent: Python-urllib/%d.%d\r\nConnection: close\r\n\r\n"
+           % (len(PAYLOAD), *sys.version_info[:2]) + PAYLOAD),
+}
+
+
+class _MemorySocket:
+    """A connection that holds one request and keeps what is written to it."""
+
+    def __init__(self, request):
+        self.request = request
+        self.out = io.BytesIO()
+
+    def makefile(self, mode, buffering=None, **_):
+        return io.BytesIO(self.request) if "r" in mode else self.out
+
+    def sendall(self, data):
+        self.out.write(data)
+
+
+class _AloneServer:
+    server_name = "h"
+    server_port = 80
+
+
+def _handler_alone(workload, want):
+    def run(v, cfg, warm):
+        # BenchHandler as any server runs it (setup, handle, finish), on a
+        # socket in memory, in this thread: no urllib, no http.client, no
+        # thread hop -- the least any transport that runs it can cost.
+        request = _ALONE_REQUESTS[workload]
+        for _ in range(_count(cfg, "w1_requests" if workload == "W1" else "w2_requests", warm)):
+            sock = _MemorySocket(request)
+            BenchHandler(sock, ("127.0.0.1", 1), _AloneServer())
+            out = sock.out.getvalue()
+            if not out.startswith(b"HTTP/1.0 200 ") or not out.endswith(b"\r\n\r\n" + want):
+                _fail(v, "the handler class wrote %r" % (out[:64],))
+        return {}
+    return run
+
+
 def _openers_build(v, cfg, warm):
     build = urllib.request.build_opener
     for _ in range(_count(cfg, "openers", warm)):
@@ -1497,6 +1752,7 @@ def instruction_columns(uvicorn, peer_keys, record=False):
     cols += [(key, label + " *", "loopback", None, ("W1", "W2"))
              for key, label, _, _ in BASELINES if uvicorn or key != "asgi-loop"]
     cols.append(("data-url", "data: URL (urllib floor)", "floor", None, ("W1", "W2")))
+    cols.append(("handler-alone", "handler class alone (floor)", "floor", None, ("W1", "W2")))
     for key, label, app, _, _ in PEERS:
         if key in peer_keys:
             cols.append((key, label, "peer", app if app == "asgi" else "wsgi", ("W1", "W2")))
@@ -1569,6 +1825,9 @@ def instructions_child(spec, warmup):
             v = Variant(key, "data: URL", "data", None)
             v.bind(opener, None)
             func = {"W1": _data_w1, "W2": _data_w2}[workload]
+        elif key == "handler-alone":
+            v = Variant(key, "handler class alone", "handler", None)
+            func = _handler_alone(workload, HELLO if workload == "W1" else PAYLOAD)
         elif key in ("build-opener", "opener-for"):
             v = Variant(key, key, "opener", None)
             func = _openers_build if key == "build-opener" else _openers_factory
@@ -1925,6 +2184,8 @@ def run_instructions(args, cfg, command, machine):
                   "no data: %s" % r["why_no_data"] if r["met"] is None
                   else "met" if r["met"] else "MISSED") for r in target_rows]
         _render(header, [dict(r, metric=None) for r in target_rows], lines, {2})
+        print_misses([(r["workload"], r["column_key"], r["against"])
+                      for r in target_rows if r["met"] is False])
     if any(r["against"] == "asgi" for r in target_rows):
         print()
         print(textwrap.fill(
@@ -1971,6 +2232,76 @@ def run_instructions(args, cfg, command, machine):
 # ---------------------------------------------------------------------------
 
 
+def _median_range(values, fmt):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    text = fmt % statistics.median(values)
+    if len(values) > 1:
+        text += " (%s-%s)" % (fmt % min(values), fmt % max(values))
+    return text
+
+
+def summarize(paths):
+    """``--summarize``: the tables of several full runs' ``--json`` files
+    as one, each cell the median of the runs' medians and, in parentheses,
+    their range; a target is met in so many of the runs."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    formats = {metric: fmt for metric, *_, fmt in METRICS}
+    if len({(run["mode"], json.dumps(run["config"], sort_keys=True)) for run in runs}) > 1:
+        print("WARNING: these runs differ in mode or sizes; their cells do not compare.")
+    print("%d runs:" % len(runs))
+    for run in runs:
+        print("  %s (%s; load average %s at start, %s at end)"
+              % (run["command"], run["mode"], run["machine"].get("load_average_at_start"),
+                 run.get("load_average_at_end")))
+    for title, key_of, table in (
+            ("bridge against loopback", lambda r: (r["metric"], r["column_key"]),
+             lambda run: run["rows"]),
+            ("bridge against the in-process peers",
+             lambda r: (r["metric"], r["peer_key"], r["column_key"]),
+             lambda run: run["peers"]["rows"])):
+        cells = {}
+        for run in runs:
+            for row in table(run):
+                cells.setdefault(key_of(row), []).append(row)
+        if not cells:
+            continue
+        print()
+        print(title + ":")
+        if len(next(iter(cells))) == 2:
+            header = ("workload", "column", "bridge", "loopback", "x loop", "target", "met")
+            right = {2, 3, 4}
+        else:
+            header = ("workload", "peer", "bridge column", "peer", "bridge", "x bridge",
+                      "target", "met")
+            right = {3, 4, 5}
+        rows, lines = [], []
+        for key, found in cells.items():
+            fmt = formats[key[0]]
+            marks = [r["met"] for r in found if r["met"] is not None]
+            met = "%d/%d" % (marks.count(True), len(marks)) if marks else "-"
+            ratio = _median_range([r["ratio"] for r in found], "%.1fx")
+            if len(key) == 2:
+                lines.append((found[0]["label"], found[0]["column"],
+                              _median_range([r["bridge"] for r in found], fmt),
+                              _median_range([r["loopback"] for r in found], fmt), ratio,
+                              found[0]["target"] or "-", met))
+            else:
+                lines.append((found[0]["label"], found[0]["peer"], found[0]["column"],
+                              _median_range([r["value"] for r in found], fmt),
+                              _median_range([r["bridge"] for r in found], fmt), ratio,
+                              found[0]["target"] or "-", met))
+            rows.append({"metric": key[0]})
+        _render(header, rows, lines, right)
+    print()
+    print("each cell: the median of the runs' medians (their range); met: in how many runs")
+    return 0
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1982,9 +2313,12 @@ def parse_args(argv):
     parser.add_argument("--only", metavar="W1,W3",
                         help="run only these workloads (of %s)" % ",".join(WORKLOADS))
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--summarize", nargs="+", metavar="JSON",
+                        help="print the tables of several runs' --json files as one: the "
+                        "median of their medians and the range")
     parser.add_argument("--peers", action="store_true",
                         help="also measure the in-process peers that are importable "
-                        "(werkzeug, httpx, wsgi-intercept) on W1 and W3")
+                        "(werkzeug, httpx, wsgi-intercept) on W1, W2 and W3")
     parser.add_argument("--record", action="store_true",
                         help="also measure %s again on a bridge built with record=True "
                         "(keys %s; naming one in --columns implies it) and report what "
@@ -2043,7 +2377,6 @@ def asgi_baseline(uvicorn):
     return "uvicorn %s on 127.0.0.1 (%s %s)" % (dist_version("uvicorn"), http, dist_version(http))
 
 
-
 def _unknown_columns(asked, known):
     """Print and return the ``--columns`` keys that are not in ``known``."""
     unknown = sorted(set(asked) - known)
@@ -2051,8 +2384,11 @@ def _unknown_columns(asked, known):
         print("--columns: unknown %s; known: %s" % (", ".join(unknown), ", ".join(sorted(known))))
     return unknown
 
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.summarize:
+        return summarize(args.summarize)
     if args.instructions_child:
         return instructions_child(args.instructions_child, args.instructions_warmup)
     cfg = dict(QUICK if args.quick else FULL)
@@ -2066,9 +2402,10 @@ def main(argv=None):
     columns = make_columns(uvicorn, args.record)
     variants = make_variants(columns, uvicorn)
     peer_keys = {key for key, *_ in PEERS}
+    floor = "W1" in args.only and (not args.columns or HopFloor.key in args.columns)
     if args.columns:
         if _unknown_columns(args.columns, {key for key, *_ in make_columns(True, True)}
-                            | {key for key, *_ in BASELINES} | peer_keys):
+                            | {key for key, *_ in BASELINES} | peer_keys | {HopFloor.key}):
             return 2
         columns = [c for c in columns if c[0] in args.columns]
         variants = [v for v in variants if v.key in args.columns]
@@ -2104,7 +2441,8 @@ def main(argv=None):
     if any(v.record for v in variants):
         bridges.append(make_bridge(record=True))
     opener, rec_opener = bridges[0][1], bridges[-1][1]
-    variants += peers
+    floors = [HopFloor()] if floor else []
+    variants += peers + floors
     loops = {v.app for v in variants if v.key.endswith("-loop")}
     samples = {}
     failures = {}
@@ -2126,11 +2464,14 @@ def main(argv=None):
         _guarded(cfg["watchdog"], stop_bridge_workers, opener)
         for bridge, _ in bridges:
             _guarded(cfg["watchdog"], bridge.close)  # stops the ASGI event-loop thread
-        close_peers(peers)
+        close_peers(peers + floors)
     if len(bridges) > 1:
         check_journal(bridges[1][0].calls, failures)
 
     rows = build_rows(samples, failures, cfg, args.only, columns)
+    order = [metric for metric, *_ in METRICS]
+    rows = sorted(rows + build_floor_rows(samples, failures, cfg, args.only, floors),
+                  key=lambda row: order.index(row["metric"]))  # each floor under its metric
     print_table(rows)
     print()
     print(textwrap.fill(
@@ -2140,6 +2481,14 @@ def main(argv=None):
         % ("uvicorn" if uvicorn else "wsgiref, as there is no stdlib ASGI server"), 80))
     if args.quick:
         print("--quick: sizes are smaller than the targets assume; treat marks as a smoke test.")
+    missed = [row for row in rows if row["met"] is False]
+    print_misses([(row["metric"], row["column_key"]) for row in missed])
+    if any((row["metric"], row["column_key"]) not in MISSES for row in missed):
+        print()
+        print(textwrap.fill(
+            "absolute limits (us, MiB/s, req/s) are the first performance issue's, set on "
+            "a machine where W1 took 18.5 us for \"WSGI, no timeout\" (see \"Last full "
+            "run\" in --help); on a slower machine, read the x loop ratios.", 80))
     record_rows = build_record_rows(rows, "metric", "bridge")
     if record_rows:
         formats = {metric: fmt for metric, *_, fmt in METRICS}
@@ -2163,11 +2512,13 @@ def main(argv=None):
             print("W3: werkzeug and httpx WSGITransport pass the app's own chunks on (no copy);")
             print("ASGITransport and wsgi-intercept buffer the whole body; the bridge streams")
             print("and resp.read(65536) copies each read.")
+        print_misses([(row["metric"], row["peer_key"], row["column_key"])
+                      for row in peer_rows if row["met"] is False])
     try:
         load_end = "%.2f %.2f %.2f" % os.getloadavg()
     except (AttributeError, OSError):
         load_end = "n/a"
-    marks = [row["met"] for row in rows if row["met"] is not None]
+    marks = [row["met"] for row in rows + peer_rows if row["met"] is not None]
     print("targets: %d met, %d missed; total %.1f s; load average at end %s"
           % (marks.count(True), marks.count(False), time.perf_counter() - started, load_end))
 

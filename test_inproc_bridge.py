@@ -1324,6 +1324,15 @@ def _call(fn, timeout=WATCHDOG):
     return box[0]
 
 
+def _held_stream(gate, waited):
+    """Body chunks: FIRST, then -- once ``gate`` is set (``waited`` notes
+    whether it was in time) -- b"second|" and b"third"."""
+    yield FIRST
+    waited.append(gate.wait(WAIT))
+    yield b"second|"
+    yield b"third"
+
+
 def _run_threads(targets, timeout=WATCHDOG):
     """Run each callable in its own thread; fail on a hang, re-raise the
     first error."""
@@ -2676,6 +2685,173 @@ def test_factory_opener_keeps_the_callers_https_handler(given):
     assert len(handlers) == 1
     if given == "instance":
         assert handlers[0] is mine and handlers[0]._context is context
+
+
+def _opener_shape(opener):
+    """What build_opener() decides for an opener: its handlers' classes in
+    order, who handles what, and the default headers."""
+    def chain(handlers):
+        return [type(h).__name__ for h in handlers]
+
+    return (chain(opener.handlers),
+            {k: chain(v) for k, v in opener.handle_open.items()},
+            {k: {code: chain(v) for code, v in d.items()} for k, d in opener.handle_error.items()},
+            {k: chain(v) for k, v in opener.process_request.items()},
+            {k: chain(v) for k, v in opener.process_response.items()},
+            opener.addheaders)
+
+
+def _opener_chains(opener):
+    yield opener.handlers
+    for registry in (opener.handle_open, opener.process_request, opener.process_response):
+        yield from registry.values()
+    for by_code in opener.handle_error.values():
+        yield from by_code.values()
+
+
+def _plain_state(handler):
+    return {k: v for k, v in vars(handler).items()
+            if k not in ("parent", "_context", "_mounts", "_owns_mounts", "actor", "source",
+                         "calls") and not callable(v)}
+
+
+def test_factory_opener_is_the_opener_build_opener_makes(monkeypatch):
+    """opener_for() copies one opener instead of running build_opener() each
+    time; every copy has the same handlers, registered the same way, as
+    build_opener() gives, all of them its own."""
+    _icpt_no_proxies(monkeypatch)
+    monkeypatch.setenv("ftp_proxy", "http://127.0.0.1:%d" % _icpt_dead_port())
+    factory = ib.OpenerFactory({"api": _wsgi()})
+    first, second = factory.opener_for(), factory.opener_for(actor="b", source="s")
+    built = urllib.request.build_opener(ib.InProcHandler({"x": _wsgi()}))
+    assert _opener_shape(first) == _opener_shape(second) == _opener_shape(built)
+    assert {id(h) for h in first.handlers}.isdisjoint(id(h) for h in second.handlers)
+    for opener in (first, second):
+        own = {id(h) for h in opener.handlers}
+        assert all(id(h) in own for chain in _opener_chains(opener) for h in chain)
+        assert all(h.parent is opener for h in opener.handlers)
+    for mine, theirs in zip(second.handlers, built.handlers):
+        assert _plain_state(mine) == _plain_state(theirs)
+    (bridge,) = [h for h in second.handlers if isinstance(h, ib.InProcHandler)]
+    assert (bridge.actor, bridge.source) == ("b", "s")
+    (proxy,) = [h for h in second.handlers if isinstance(h, urllib.request.ProxyHandler)]
+    assert proxy.proxies == {"ftp": os.environ["ftp_proxy"]}
+    # Nothing one opener is given reaches another.
+    first.addheaders.append(("X-Only", "first"))
+    first.add_handler(urllib.request.HTTPCookieProcessor())
+    assert _opener_shape(second) == _opener_shape(built)
+    with second.open("inproc://api/") as resp:
+        assert resp.read() == b"ok"
+
+
+def test_factory_openers_read_the_proxy_environment_each_time(monkeypatch):
+    """As a new build_opener() does: an opener made after http_proxy was set
+    sends http:// URLs there; one made before does not."""
+    _icpt_no_proxies(monkeypatch)
+    factory = ib.OpenerFactory({"api": _wsgi()})
+    before = factory.opener_for()
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:%d" % _icpt_dead_port())
+    after = factory.opener_for()
+    assert _opener_shape(after) == _opener_shape(urllib.request.build_opener(
+        ib.InProcHandler({"x": _wsgi()})))
+    old, (new,) = ([h for h in o.handlers if isinstance(h, urllib.request.ProxyHandler)]
+                   for o in (before, after))
+    assert old == []  # build_opener() keeps a ProxyHandler only when it has proxies
+    assert new.proxies == {"http": os.environ["http_proxy"]}
+    with pytest.raises(urllib.error.URLError) as info:
+        after.open("http://proxied.test/", timeout=WAIT)
+    assert isinstance(info.value.reason, ConnectionRefusedError)  # it went to the proxy
+    for opener in (before, after):
+        with opener.open("inproc://api/") as resp:
+            assert resp.read() == b"ok"
+
+
+def test_factory_opener_reads_the_proxy_environment_once_per_opener(monkeypatch):
+    """An environment that changes while an opener is being made gives it
+    one reading, not two (its proxies and its registrations agree)."""
+    _icpt_no_proxies(monkeypatch)
+    proxy = "http://127.0.0.1:%d" % _icpt_dead_port()
+    monkeypatch.setenv("http_proxy", proxy)
+    real, calls = urllib.request.getproxies, []
+
+    def getproxies():
+        calls.append(None)
+        found = real()
+        if len(calls) == 1:
+            os.environ.pop("http_proxy")  # changes just after the first reading
+        return found
+
+    monkeypatch.setattr(urllib.request, "getproxies", getproxies)
+    factory = ib.OpenerFactory({"api": _wsgi()})
+    opener = factory.opener_for()
+    (handler,) = [h for h in opener.handlers if isinstance(h, urllib.request.ProxyHandler)]
+    assert handler.proxies == {"http": proxy}
+    assert handler in opener.handle_open["http"]
+    monkeypatch.setattr(urllib.request, "getproxies", real)
+    monkeypatch.setenv("http_proxy", proxy)
+    again = factory.opener_for()
+    assert _opener_shape(again) == _opener_shape(urllib.request.build_opener(
+        ib.InProcHandler({"x": _wsgi()})))
+    with pytest.raises(urllib.error.URLError) as info:
+        again.open("http://proxied.test/", timeout=WAIT)
+    assert isinstance(info.value.reason, ConnectionRefusedError)
+
+
+def test_factory_opener_follows_http_client_debuglevel(monkeypatch):
+    """3.12+ HTTP handlers take http.client's debuglevel when made: a later
+    change reaches a new opener as it reaches a new build_opener()."""
+    factory = ib.OpenerFactory({"api": _wsgi()})
+    factory.opener_for()
+    monkeypatch.setattr(http.client.HTTPConnection, "debuglevel", 1)
+    monkeypatch.setattr(http.client.HTTPSConnection, "debuglevel", 1)
+
+    def levels(opener):
+        return sorted((type(h).__name__, h._debuglevel) for h in opener.handlers
+                      if isinstance(h, urllib.request.AbstractHTTPHandler))
+
+    assert levels(factory.opener_for()) == levels(urllib.request.build_opener())
+
+
+def test_factory_opener_registers_a_method_added_to_a_urllib_handler(monkeypatch):
+    """build_opener() registers handlers' methods by name when it runs: a
+    method added to one of its classes later is registered in new openers."""
+    factory = ib.OpenerFactory({"api": _wsgi()})
+    factory.opener_for()
+    monkeypatch.setattr(urllib.request.HTTPErrorProcessor, "ftp_response",
+                        lambda self, req, resp: resp, raising=False)
+    opener = factory.opener_for()
+    assert "ftp" in opener.process_response
+    assert _opener_shape(opener) == _opener_shape(urllib.request.build_opener(
+        ib.InProcHandler({"x": _wsgi()})))
+
+
+def test_factory_opener_calls_a_replaced_build_opener(monkeypatch):
+    calls = []
+    real = urllib.request.build_opener
+
+    def build_opener(*handlers):
+        calls.append(handlers)
+        return real(*handlers)
+
+    factory = ib.OpenerFactory({"api": _wsgi()})
+    factory.opener_for()
+    monkeypatch.setattr(urllib.request, "build_opener", build_opener)
+    for _ in range(2):
+        with factory.opener_for().open("inproc://api/") as resp:
+            assert resp.read() == b"ok"
+    assert len(calls) == 2  # one per opener, as a mock of build_opener expects
+
+
+def test_factory_opener_takes_a_replaced_urllib_handler_class(monkeypatch):
+    """A program that replaced one of urllib's handler classes gets it in
+    the factory's openers too, as build_opener() looks them up by name."""
+    class Mine(urllib.request.HTTPHandler):
+        pass
+
+    factory = ib.OpenerFactory({"api": _wsgi()})
+    factory.opener_for()
+    monkeypatch.setattr(urllib.request, "HTTPHandler", Mine)
+    assert any(type(h) is Mine for h in factory.opener_for().handlers)
 
 
 def test_context_helpers_outside_a_request():
@@ -6921,14 +7097,7 @@ def test_drain_lets_an_in_flight_stream_that_ends_in_time_complete_intact(app_ki
     def logic(req):
         if req.target == "/ping":
             return 200, [("Content-Type", "text/plain"), ("Content-Length", "2")], [b"ok"]
-
-        def chunks():
-            yield FIRST
-            waited.append(release.wait(WAIT))
-            yield b"second|"
-            yield b"third"
-
-        return 200, [("Content-Type", "text/plain")], chunks()
+        return 200, [("Content-Type", "text/plain")], _held_stream(release, waited)
 
     with Bridge({"app": make_app(app_kind, logic)}) as (opener, handler):
         with opener.open("inproc://app/stream", timeout=timeout) as resp:
@@ -8557,13 +8726,7 @@ def test_intercept_streams_the_response_incrementally(app_kind, client, scheme):
     gate, waited = threading.Event(), []
 
     def logic(req):
-        def chunks():
-            yield FIRST
-            waited.append(gate.wait(WAIT))
-            yield b"second|"
-            yield b"third"
-
-        return 200, [("Content-Type", "text/event-stream")], chunks()
+        return 200, [("Content-Type", "text/event-stream")], _held_stream(gate, waited)
 
     opener = urllib.request.build_opener()
     with _icpt_block({_ICPT_HOST: make_app(app_kind, logic)}):
