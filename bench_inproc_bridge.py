@@ -183,7 +183,7 @@ waits at 51; the worker starts at 80 (a 29 us wake-up); the app's head is in
 the slot at 95; the worker is done at 113; the caller wakes at 139 (26 us
 after the worker blocked), has its response at 161 and the body at 179.  The
 same work takes 25 us in the caller's thread alone.  On one CPU a hand-off is
-a context switch, ~6 us each way, and the worker paths are 2.5-4x faster; so
+a context switch, ~6 us each way, and the worker paths are 1.8-2.6x faster; so
 is loopback (two threads as well), by less.  The bridge does not pin threads
 itself: where a process runs is its owner's choice (``taskset``,
 ``os.sched_setaffinity``), and a pinned worker would take a CPU from an app
@@ -1359,15 +1359,17 @@ WHY_HANDLER = (
 WHY_HOPS = (
     "with a timeout the app runs on a worker, so that the caller's thread can keep the "
     "deadline: two thread hops per request, the least there can be (the caller wakes once, "
-    "for the head and a small body together).  The floor row is those two hops and "
-    "nothing else; where the threads wake each other across CPUs (a 2-vCPU VM) it alone "
-    "is about loopback/8.")
+    "for the head and a small body together).  The floor row is those two hops alone; "
+    "the rest of the time over the \"WSGI, no timeout\" column is the same work run on "
+    "cold caches, the threads waking each other across CPUs.  Pinned to one CPU "
+    "(taskset -c 0) the column meets the target.")
 WHY_ASGI = (
     "httpx's ASGITransport runs the app in the caller's own event loop (no thread hop) "
     "and buffers the body.  A urllib caller is synchronous, so the bridge runs the app on "
     "the event loop its mount owns (where the lifespan ran and the app's loop-bound state "
-    "lives), in another thread: two thread hops per request (the floor row), on a 2-vCPU "
-    "VM about as long as httpx's whole request.")
+    "lives), in another thread: two thread hops per request (the floor row) and the "
+    "cold-cache work they bring.  Pinned to one CPU (taskset -c 0) the column meets the "
+    "target.")
 WHY_ASGI_STREAM = (
     "ASGITransport gathers the body in the caller's thread; the bridge streams it from the "
     "loop's thread with backpressure (at most PIPE_LIMIT in flight), a hop per batch of "
