@@ -3432,6 +3432,11 @@ class _Mounts:
         if secret is not None and not isinstance(secret, bytes):
             raise TypeError("a remote mount's key must be bytes, not %s" % type(secret).__name__)
         if isinstance(app, str):
+            if secret is not None and not secret:
+                # b"" is no secret: anyone could sign a request as any source
+                # and actor, and the trusted() side could not tell.
+                raise ValueError("a remote mount's key must not be empty: with b'' anyone can "
+                                 "sign a request (key=None sends no Inproc-* tags)")
             app = _Remote(app, secret)
         elif secret is not None:
             raise TypeError("key= signs a remote mount: mount a URL with it, not %r" % (app,))
@@ -3449,8 +3454,15 @@ class _Mounts:
         if server is None and kind == "handler":
             server = _StubServer(key[0], key[1] or 80)
         entry = _Entry(name, app, kind, server, fault)
-        if kind == "asgi":  # lifespan startup; BridgeError if it fails
-            entry.asgi = self.runner().attach(app, name)
+        # A drained table answers 503 without calling any app: an ASGI app
+        # mounted after drain() gets no lifespan startup and no loop (drain
+        # closed it) and is refused with 503, as every other kind is.
+        if kind == "asgi" and not self.draining:  # lifespan startup; BridgeError if it fails
+            try:
+                entry.asgi = self.runner().attach(app, name)
+            except BridgeError:
+                if not self.draining:
+                    raise  # (else drain() began meanwhile and closed the loop: as above)
         with self._lock:
             table = dict(self.table)
             old = table.get(key)
@@ -3554,7 +3566,7 @@ class InProcHandler(urllib.request.BaseHandler):
         A handler class sees ``server`` as ``self.server``; ``fault`` is a
         ``Fault`` its requests get (remounting without it clears it).  An
         ``http(s)://`` URL as ``app`` is a remote mount: requests go there,
-        signed with ``key`` (bytes) when one is given."""
+        signed with ``key`` (non-empty bytes) when one is given."""
         self._mounts.add(name, app, server, fault, key)
 
     def unmount(self, name: str) -> None:
@@ -3964,6 +3976,7 @@ class OpenerFactory:
 # * HTTPHandler.http_open / HTTPSHandler.https_open: a request for a mounted
 #   host is served by the block's bridge, as intercept_http=True serves it;
 #   the opener's processors (errors, redirects, cookies) run as for any URL.
+# * FTPHandler.ftp_open: with network=False, refused as another host is.
 # * HTTPRedirectHandler.redirect_request: a network response may not
 #   redirect into a mounted host.
 # * urllib.request.proxy_bypass: environment proxies skip mounted hosts.
@@ -4002,10 +4015,17 @@ def _route(host: str, scheme: str) -> Tuple[Optional[InProcHandler], bool]:
     for block in blocks:
         if block.bridge.serves_host(host, scheme):
             return block.bridge, False
+    _refuse_offline(host, scheme)
+    return None, True
+
+
+def _refuse_offline(host: str, scheme: str) -> None:
+    """``BridgeError`` naming ``host`` when the innermost block has
+    ``network=False``: no block serves it, so it would go to the network."""
+    blocks = _blocks
     if blocks and not blocks[0].network:
         raise BridgeError("%s://%s is not mounted in this intercept(network=False) block: "
                           "nothing may reach the network" % (scheme, host))
-    return None, True
 
 
 def _origin(host: str, port: Optional[int], scheme: str) -> str:
@@ -4034,6 +4054,18 @@ def _install() -> None:
             return _original(self, req)
 
         _patch(cls, scheme + "_open", opened)
+
+    # An opener's other way out to a host: ftp:// (CacheFTPHandler inherits
+    # it).  Mounts serve http(s) only, so an ftp:// host is never served
+    # in-process; network=False refuses it before ftplib connects.  (Through
+    # a proxy an ftp:// request is an http one, refused by http_open.)
+    ftp_open = request_module.FTPHandler.ftp_open
+
+    def ftp_opened(self: Any, req: urllib.request.Request, _original: Any = ftp_open) -> Any:
+        _refuse_offline(req.host, "ftp")
+        return _original(self, req)
+
+    _patch(request_module.FTPHandler, "ftp_open", ftp_opened)
 
     redirect = request_module.HTTPRedirectHandler.redirect_request
 
@@ -4109,8 +4141,10 @@ def intercept(apps: Any = None, *, network: bool = True, source: Optional[str] =
     ``apps`` is a mapping (as ``InProcHandler``'s), an ``InProcHandler``
     (its mounts, source and actor) or an ``OpenerFactory`` (its mounts).
     Other hosts go to the network -- or, with ``network=False``, raise
-    ``BridgeError`` before any connection.  Blocks nest (the innermost
-    one's mounts first); leaving one restores what was there before it.
+    ``BridgeError`` before any connection (urllib's ``http``, ``https``
+    and ``ftp`` URLs, ``http.client`` connections; a raw ``socket`` is
+    not watched).  Blocks nest (the innermost one's mounts first); leaving
+    one restores what was there before it.
     Yields the ``InProcHandler`` serving the block: its ``mount()`` and
     ``unmount()`` act at once."""
     global _blocks
@@ -4602,6 +4636,10 @@ def trusted(app: Any, key: bytes, max_age: float = 300) -> Any:
     the ``Inproc-*`` headers.  Served in-process, it is the app itself."""
     if not isinstance(key, bytes):
         raise TypeError("trusted() wants the key as bytes, not %s" % type(key).__name__)
+    if not key:
+        # With b"" anyone can compute a valid signature: every request could
+        # claim any source and actor (a key read from an unset variable).
+        raise ValueError("trusted() wants a non-empty key: with b'' anyone can sign a request")
     if isinstance(max_age, bool) or not isinstance(max_age, (int, float)) or not max_age > 0:
         raise ValueError("trusted(max_age=...) wants seconds > 0, not %r" % (max_age,))
     if not callable(app):

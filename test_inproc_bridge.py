@@ -7213,13 +7213,8 @@ def test_drain_refuses_for_good_mounts_made_later_included(app_kind, remote):
         assert handler.drain(WAIT) == 0
         names = ["app"]
         for name in ("later", "app"):  # a new name, and a remount of the drained one
-            try:
-                handler.mount(name, make_app(app_kind, _ok(calls)))
-            except ib.BridgeError:
-                if app_kind != "asgi":  # an ASGI app may be refused, as after close()
-                    raise
-            else:
-                names.append(name)
+            handler.mount(name, make_app(app_kind, _ok(calls)))  # every kind, ASGI too
+            names.append(name)
         handler.mount("far", remote.url)
         names.append("far")
         for _ in range(2):
@@ -7231,6 +7226,50 @@ def test_drain_refuses_for_good_mounts_made_later_included(app_kind, remote):
             assert time.monotonic() - started < WAIT / 2
     assert calls == []
     assert far_calls == []
+
+
+def test_drain_on_a_factory_refuses_for_good_mounts_made_later_included(app_kind):
+    timeout = KIND_TIMEOUT[app_kind]
+    calls = []
+    factory = ib.OpenerFactory({"app": make_app(app_kind, _ok(calls))})
+    try:
+        opener = factory.opener_for()
+        assert factory.drain(WAIT) == 0
+        for name in ("later", "app"):  # a new name, and a remount of the drained one
+            factory.mount(name, make_app(app_kind, _ok(calls)))
+        for current in (opener, factory.opener_for()):
+            for name in ("later", "app"):
+                with _http_error(503):
+                    current.open("inproc://%s/" % name, timeout=timeout)
+    finally:
+        factory.close()
+    assert calls == []
+
+
+@pytest.mark.parametrize("owner", ["handler", "factory"])
+def test_drain_an_asgi_app_mounted_later_is_never_started_nor_called(owner):
+    """After drain() an ASGI app mounts as every kind does: no lifespan
+    startup (the app is not called: drain closed the loop), 503 for its
+    requests, and a remount or unmount raises nothing."""
+    first, later = LifespanApp(), LifespanApp()
+    mounts = ib.InProcHandler({"api": first}) if owner == "handler" else ib.OpenerFactory(
+        {"api": first})
+    opener = (urllib.request.build_opener(mounts) if owner == "handler"
+              else mounts.opener_for())
+    try:
+        assert mounts.drain(WAIT) == 0
+        assert first.shutdown.is_set()  # drain() did what close() does
+        mounts.mount("later", later)
+        mounts.mount("api", later)  # replaces the drained app
+        for name in ("later", "api"):
+            with _http_error(503):
+                opener.open("inproc://%s/" % name, timeout=WAIT)
+        mounts.unmount("later")
+        mounts.unmount("api")
+    finally:
+        mounts.close()
+    assert later.events == []
+    assert first.events == ["lifespan.startup", "lifespan.shutdown"]
 
 
 def test_drain_on_a_factory_refuses_on_every_opener_and_cancels_what_is_in_flight(app_kind):
@@ -8246,6 +8285,25 @@ def test_remote_mount_and_trusted_refuse_a_key_that_is_not_bytes(key, how):
             ib.OpenerFactory().mount("api", "https://gateway.internal:8443/base", key=key)
 
 
+@pytest.mark.parametrize("how", ["handler", "factory"])
+def test_remote_mount_refuses_an_empty_key(how):
+    """b"" is a key anyone has: the requests it signs could be anyone's."""
+    mounts = ib.InProcHandler() if how == "handler" else ib.OpenerFactory()
+    with pytest.raises(ValueError, match="empty"):
+        mounts.mount("api", "https://gateway.internal:8443/base", key=b"")
+    with pytest.raises(KeyError):
+        mounts.unmount("api")  # nothing was mounted
+
+
+@pytest.mark.parametrize("kind", ["wsgi", "asgi"])
+def test_trusted_refuses_an_empty_key(kind):
+    """A service given b"" (a key read from an unset variable) would take
+    any forged source and actor: it is refused when it is wrapped."""
+    app = _plain_app([]) if kind == "wsgi" else _asgi_app()
+    with pytest.raises(ValueError, match="empty"):
+        ib.trusted(app, b"")
+
+
 @pytest.mark.parametrize("max_age", [0, -1, -0.5])
 def test_trusted_refuses_a_max_age_that_is_not_positive(max_age):
     with pytest.raises(ValueError, match="max_age"):
@@ -8346,7 +8404,8 @@ _ICPT_WATCHED = (
     "urllib.request.BaseHandler", "urllib.request.AbstractHTTPHandler",
     "urllib.request.HTTPHandler", "urllib.request.HTTPSHandler",
     "urllib.request.ProxyHandler", "urllib.request.HTTPRedirectHandler",
-    "urllib.request.HTTPErrorProcessor", "urllib.request.Request", "socket", "socket.socket",
+    "urllib.request.HTTPErrorProcessor", "urllib.request.FTPHandler",
+    "urllib.request.CacheFTPHandler", "urllib.request.Request", "socket", "socket.socket",
     "ssl", "ssl.SSLContext", "ssl.SSLSocket", "xmlrpc.client", "xmlrpc.client.Transport",
 )
 _ICPT_PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
@@ -9162,6 +9221,31 @@ def test_intercept_network_false_never_connects(monkeypatch):
                 _icpt_get("http.client", url)
         assert _icpt_net(server) == b"net"
         assert server.accepts == 1  # the request just made, and no other
+
+
+@pytest.mark.parametrize("handler", [urllib.request.FTPHandler, urllib.request.CacheFTPHandler])
+def test_intercept_network_false_refuses_ftp_urls(monkeypatch, handler):
+    """ftp:// is urllib's other way out to a host: with network=False it is
+    refused as http:// is, from urlopen() and from an opener built before the
+    block, and nothing connects; with network=True it still connects."""
+    _icpt_no_proxies(monkeypatch)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # put back after the test
+    with _icpt_loopback() as server:
+        url = "ftp://%s/file.txt" % server.name
+        opener = urllib.request.build_opener(handler())
+        with _icpt_block({_ICPT_HOST: _icpt_wsgi()}, network=False):
+            for open_url in (urllib.request.urlopen, opener.open):
+                with pytest.raises(ib.BridgeError, match="ftp://" + _ICPT_LOOPBACK) as info:
+                    open_url(url, timeout=_ICPT_SHORT)
+                assert isinstance(info.value, urllib.error.URLError)
+        assert _icpt_net(server) == b"net"
+        assert server.accepts == 1  # the request just made, and no other
+        with _icpt_block({_ICPT_HOST: _icpt_wsgi()}):
+            with pytest.raises(urllib.error.URLError) as info:
+                opener.open(url, timeout=_ICPT_SHORT)  # an HTTP server: no FTP greeting
+            assert not isinstance(info.value, ib.BridgeError)
+        assert _icpt_net(server) == b"net"
+        assert server.accepts == 3
 
 
 def test_intercept_network_true_reaches_unmounted_hosts(monkeypatch):
