@@ -7334,14 +7334,19 @@ def test_drain_cancels_an_endless_remote_stream_at_the_deadline(remote):
 
 
 @pytest.mark.parametrize("leave", ["normally", "by an exception"])
-def test_drain_handler_as_a_context_manager_returns_it_and_closes_it(leave):
+@pytest.mark.parametrize("unit", ["handler", "factory"])
+def test_drain_handler_or_factory_as_a_context_manager_returns_it_and_closes_it(unit, leave):
     record, lifespan = {}, LifespanApp()
-    handler = ib.InProcHandler({"where": _where(record), "life": lifespan})
-    opener = urllib.request.build_opener(handler)
+    mounts = {"where": _where(record), "life": lifespan}
+    bridge = ib.InProcHandler(mounts) if unit == "handler" else ib.OpenerFactory(mounts)
+    if unit == "handler":
+        opener = urllib.request.build_opener(bridge)
     raising = pytest.raises(_Leave) if leave == "by an exception" else contextlib.nullcontext()
     with raising:
-        with handler as entered:
-            assert entered is handler
+        with bridge as entered:
+            assert entered is bridge
+            if unit == "factory":
+                opener = entered.opener_for(source="one")
             with opener.open("inproc://where/", timeout=WAIT) as resp:
                 assert resp.read() == b"here"
             assert record["thread"].is_alive()
@@ -7350,26 +7355,6 @@ def test_drain_handler_as_a_context_manager_returns_it_and_closes_it(leave):
     assert _wait_for(lambda: not record["thread"].is_alive()), "the ASGI loop still runs"
     assert lifespan.shutdown.is_set()
     with pytest.raises(ib.BridgeError):  # closed: ASGI apps can no longer be called
-        opener.open("inproc://where/", timeout=WAIT)
-
-
-@pytest.mark.parametrize("leave", ["normally", "by an exception"])
-def test_drain_factory_as_a_context_manager_returns_it_and_closes_it(leave):
-    record, lifespan = {}, LifespanApp()
-    factory = ib.OpenerFactory({"where": _where(record), "life": lifespan})
-    raising = pytest.raises(_Leave) if leave == "by an exception" else contextlib.nullcontext()
-    with raising:
-        with factory as entered:
-            assert entered is factory
-            opener = entered.opener_for(source="one")
-            with opener.open("inproc://where/", timeout=WAIT) as resp:
-                assert resp.read() == b"here"
-            assert record["thread"].is_alive()
-            if leave == "by an exception":
-                raise _Leave()
-    assert _wait_for(lambda: not record["thread"].is_alive()), "the ASGI loop still runs"
-    assert lifespan.shutdown.is_set()
-    with pytest.raises(ib.BridgeError):
         opener.open("inproc://where/", timeout=WAIT)
 
 
