@@ -2592,13 +2592,10 @@ def test_factory_opener_tags_source_and_actor(app_kind, kind_timeout):
             seen.append(req.tags)
         return 200, [("Content-Type", "text/plain")], [b"x"]
 
-    factory = ib.OpenerFactory({"api": make_app(app_kind, logic)})
-    try:
+    with ib.OpenerFactory({"api": make_app(app_kind, logic)}) as factory:
         opener = factory.opener_for(actor="user-7", source=ib.SOURCE_AGENTS)
         with opener.open("inproc://api/", timeout=kind_timeout) as resp:
             resp.read()
-    finally:
-        factory.close()
     assert set(seen) == {("agents", "user-7")}
     assert len(seen) == (1 if app_kind == "handler" else 2)
     assert type(seen[0][0]) is ib.Source
@@ -3143,14 +3140,11 @@ def test_error_before_response_is_500_and_logged(app_kind, kind_timeout, caplog)
     def logic(req):
         raise ZeroDivisionError("kaput")
 
-    bridge = ib.InProcHandler({"api": make_app(app_kind, logic)}, source="billing")
-    try:
+    with ib.InProcHandler({"api": make_app(app_kind, logic)}, source="billing") as bridge:
         with caplog.at_level(logging.ERROR, logger="inproc_bridge"):
             with _http_error(500) as info:
                 urllib.request.build_opener(bridge).open("inproc://api/", timeout=kind_timeout)
             assert info.value.d_body == ib._ERROR_BODY
-    finally:
-        bridge.close()
     records = [r for r in caplog.records if r.name == "inproc_bridge"]
     assert len(records) == 1
     assert "billing" in records[0].getMessage()
@@ -4697,14 +4691,11 @@ def test_context_vars_reach_the_app_and_do_not_leak_back(app_kind):
         var.set("changed by app")
         return 200, [("Content-Type", "text/plain")], []
 
-    factory = ib.OpenerFactory({"api": make_app(app_kind, logic)})
-    try:
+    with ib.OpenerFactory({"api": make_app(app_kind, logic)}) as factory:
         opener = factory.opener_for(actor={"id": 7}, source="billing")
         var.set("caller")
         with opener.open("inproc://api/", timeout=KIND_TIMEOUT[app_kind]) as resp:
             resp.read()
-    finally:
-        factory.close()
     assert seen == [("caller", "billing", {"id": 7}, False)]
     assert isinstance(seen[0][1], ib.Source)
     assert var.get() == "caller"  # the app ran in a copy
@@ -4995,8 +4986,7 @@ def test_fork_child_serves_an_asgi_app_mounted_with_lifespan(start):
         body = b"db=%s pid=%d" % (scope["state"].get("db", "none").encode(), os.getpid())
         await _send(send, body, 200, [(b"content-length", b"%d" % len(body))])
 
-    bridge = ib.InProcHandler({"app": app})
-    try:
+    with ib.InProcHandler({"app": app}) as bridge:
         opener = urllib.request.build_opener(bridge)
         with opener.open("inproc://app/", timeout=5) as resp:
             assert resp.read() == b"db=connected pid=%d" % os.getpid()
@@ -5007,8 +4997,6 @@ def test_fork_child_serves_an_asgi_app_mounted_with_lifespan(start):
                     report([child_timeout, resp.status, resp.read().decode()])
 
         reports, code, pid = _forked(start, child)
-    finally:
-        bridge.close()
     assert reports == [[t, 200, "db=connected pid=%d" % pid] for t in (5.0, None)]
     assert code == 0
 
@@ -5771,8 +5759,7 @@ def test_security_source_header_cannot_forge_source(app_kind, kind_timeout):
     def tags(source, actor):
         return None if app_kind == "handler" else (source, actor)
 
-    factory = ib.OpenerFactory({"api": make_app(app_kind, logic)})
-    try:
+    with ib.OpenerFactory({"api": make_app(app_kind, logic)}) as factory:
         for opener, source, actor in ((factory.opener_for(), None, None),
                                       (factory.opener_for(source=ib.SOURCE_AGENTS,
                                                           actor="user-7"), "agents", "user-7")):
@@ -5780,8 +5767,6 @@ def test_security_source_header_cannot_forge_source(app_kind, kind_timeout):
             with opener.open(req, timeout=kind_timeout) as resp:
                 resp.read()
             assert seen[-1] == (source, actor, tags(source, actor), "billing", "billing")
-    finally:
-        factory.close()
     with Bridge({"api": make_app(app_kind, logic)}, source="billing-job") as (opener, _):
         req = urllib.request.Request("inproc://api/", headers={"Source": "forged",
                                                                "X-Inproc-Source": "f"})
@@ -5833,8 +5818,7 @@ def test_asgi_recognised_and_marker():
 
 def test_asgi_scope_as_a_server_builds_it():
     seen = []
-    factory = ib.OpenerFactory({"api": _asgi_app(seen=seen)})
-    try:
+    with ib.OpenerFactory({"api": _asgi_app(seen=seen)}) as factory:
         opener = factory.opener_for(source=ib.SOURCE_AGENTS, actor="user-7")
         req = urllib.request.Request(
             "inproc://API/caf%C3%A9/a%2Fb?q=1&r=%20", data=b"hello",
@@ -5844,8 +5828,6 @@ def test_asgi_scope_as_a_server_builds_it():
             assert resp.getheader("Content-Type") == "text/plain"
             assert resp.getheader("Date")
             assert resp.read() == b"ok"
-    finally:
-        factory.close()
     scope = seen[0]
     assert scope["type"] == "http"
     assert scope["asgi"] == {"version": "3.0", "spec_version": "2.4"}
@@ -5963,16 +5945,13 @@ def test_asgi_close_stops_the_loop_thread():
         assert resp.read() == b"wsgi"
 
     # An opener's handler leaves the loop to its factory.
-    factory = ib.OpenerFactory({"where": where})
-    try:
+    with ib.OpenerFactory({"where": where}) as factory:
         opener = factory.opener_for()
         for handler in opener.handlers:
             handler.close()
         with opener.open("inproc://where/", timeout=WAIT) as resp:
             resp.read()
         thread = record["thread"]
-    finally:
-        factory.close()
     assert not thread.is_alive()
 
 
@@ -6456,16 +6435,13 @@ def test_record_httperror_response(app_kind):
 def test_record_factory_collects_every_openers_calls(app_kind):
     """factory.calls holds the calls of all its openers, each with the source
     and actor its opener_for() gave."""
-    factory = ib.OpenerFactory({"api": make_app(app_kind, _body_logic(b"ok"))}, record=True)
-    try:
+    with ib.OpenerFactory({"api": make_app(app_kind, _body_logic(b"ok"))}, record=True) as factory:
         agents = factory.opener_for(actor="user-7", source=ib.SOURCE_AGENTS)
         other, plain = factory.opener_for(actor="user-8"), factory.opener_for()
         for n, opener in enumerate((agents, other, plain, agents)):
             assert _body_or_code(opener, "inproc://api/%d" % n, KIND_TIMEOUT[app_kind]) == b"ok"
         calls = list(factory.calls)
         assert [_settled(call) for call in calls] == ["complete"] * 4
-    finally:
-        factory.close()
     assert [(c.url, c.source, c.actor) for c in calls] == [
         ("inproc://api/0", "agents", "user-7"), ("inproc://api/1", None, "user-8"),
         ("inproc://api/2", None, None), ("inproc://api/3", "agents", "user-7")]
@@ -6823,8 +6799,7 @@ def test_fault_factory_mount_takes_fault(app_kind):
     """OpenerFactory.mount(fault=): times counts the requests of all its openers."""
     app = make_app(app_kind, _body_logic(b"app"))
     timeout = KIND_TIMEOUT[app_kind]
-    factory = ib.OpenerFactory(record=True)
-    try:
+    with ib.OpenerFactory(record=True) as factory:
         factory.mount("api", app, fault=ib.Fault(status=503, times=1))
         first, second = factory.opener_for(actor="a"), factory.opener_for(actor="b")
         assert _body_or_code(first, "inproc://api/", timeout) == 503
@@ -6836,8 +6811,6 @@ def test_fault_factory_mount_takes_fault(app_kind):
         assert _body_or_code(second, "inproc://api/", timeout) == 503
         factory.mount("api", app)
         assert _body_or_code(second, "inproc://api/", timeout) == b"app"
-    finally:
-        factory.close()
 
 
 def test_fault_applies_to_an_intercepted_host(app_kind):
@@ -6870,14 +6843,11 @@ def test_fault_mount_refuses_what_is_not_a_fault(value):
         with pytest.raises(TypeError, match=r"\bfault\b"):
             bridge.mount("api", app, fault=value)
         assert _body_or_code(opener, "inproc://api/") == b"app"  # the old mount stays
-    factory = ib.OpenerFactory({"api": app})
-    try:
+    with ib.OpenerFactory({"api": app}) as factory:
         factory.mount("api", app, fault=None)
         with pytest.raises(TypeError, match=r"\bfault\b"):
             factory.mount("api", app, fault=value)
         assert _body_or_code(factory.opener_for(), "inproc://api/") == b"app"
-    finally:
-        factory.close()
 
 
 def test_fault_left_nowhere_by_a_mount_that_fails():
@@ -7275,9 +7245,8 @@ def test_drain_an_asgi_app_mounted_later_is_never_started_nor_called(owner):
 def test_drain_on_a_factory_refuses_on_every_opener_and_cancels_what_is_in_flight(app_kind):
     timeout = KIND_TIMEOUT[app_kind]
     seen, calls = [], []
-    factory = ib.OpenerFactory({"endless": _endless_app(app_kind, seen),
-                                "ping": make_app(app_kind, _ok(calls))})
-    try:
+    with ib.OpenerFactory({"endless": _endless_app(app_kind, seen),
+                           "ping": make_app(app_kind, _ok(calls))}) as factory:
         one, two = factory.opener_for(source="one"), factory.opener_for(actor="two")
         with one.open("inproc://ping/", timeout=timeout) as resp:
             assert resp.read() == b"ok"
@@ -7291,8 +7260,6 @@ def test_drain_on_a_factory_refuses_on_every_opener_and_cancels_what_is_in_fligh
             with _http_error(503):
                 opener.open("inproc://ping/", timeout=timeout)
         assert factory.drain(WAIT) == 0
-    finally:
-        factory.close()
     assert calls == ["/"]
     assert seen == [_left(app_kind)]
 
@@ -7667,8 +7634,7 @@ def _through(remote, alter=None, *, key=KEY, source=ib.SOURCE_AGENTS, actor="use
         return guarded(environ, start_response)
 
     remote.app = proxy
-    handler = ib.InProcHandler(source=source, actor=actor)
-    try:
+    with ib.InProcHandler(source=source, actor=actor) as handler:
         handler.mount("api", remote.url + base, key=key)
         req = urllib.request.Request("inproc://api" + target, method=method,
                                      headers=headers or {})
@@ -7678,8 +7644,6 @@ def _through(remote, alter=None, *, key=KEY, source=ib.SOURCE_AGENTS, actor="use
         except urllib.error.HTTPError as exc:
             with exc:
                 return exc.code, exc.read(), seen
-    finally:
-        handler.close()
 
 
 def _assert_refused(outcome):
@@ -7723,13 +7687,10 @@ def _capture_signed(remote, target="/v1/chat?x=1", source=ib.SOURCE_AGENTS, acto
         return []
 
     remote.app = capture
-    handler = ib.InProcHandler(source=source, actor=actor)
-    try:
+    with ib.InProcHandler(source=source, actor=actor) as handler:
         handler.mount("api", remote.url, key=KEY)
         with _bridge_opener(handler).open("inproc://api" + target, timeout=WAIT) as resp:
             assert resp.status == 204
-    finally:
-        handler.close()
     (environ,) = captured
     assert "HTTP_INPROC_SIGNATURE" in environ
     return environ
@@ -7902,29 +7863,23 @@ def test_remote_base_path_is_joined_with_the_callers_path(remote, path, wire):
 def test_remote_mount_counts_as_mounted_for_intercept_http(remote):
     seen = []
     remote.app = ib.trusted(_plain_app(seen), KEY)
-    handler = ib.InProcHandler(source=ib.SOURCE_AGENTS, intercept_http=True)
-    try:
+    with ib.InProcHandler(source=ib.SOURCE_AGENTS, intercept_http=True) as handler:
         handler.mount("api.internal", remote.url, key=KEY)
         with _bridge_opener(handler).open("http://api.internal/v1/chat?x=1",
                                           timeout=WAIT) as resp:
             assert resp.read() == b"ok"
-    finally:
-        handler.close()
     assert [(s["path"], s["query"], s["source"]) for s in seen] == [("/v1/chat", "x=1", "agents")]
 
 
 def test_remote_timeout_raises_socket_timeout_when_the_server_never_answers():
     with _RawServer(answer=None) as silent:
-        handler = ib.InProcHandler(source=ib.SOURCE_AGENTS)
-        try:
+        with ib.InProcHandler(source=ib.SOURCE_AGENTS) as handler:
             handler.mount("api", silent.url, key=KEY)
             started = time.monotonic()
             with pytest.raises(socket.timeout):
                 _bridge_opener(handler).open("inproc://api/v1/chat", timeout=SHORT_TIMEOUT)
             assert time.monotonic() - started < WAIT
             assert silent.accepted.is_set(), "the request never reached the server"
-        finally:
-            handler.close()
 
 
 def test_remote_timeout_between_body_chunks_raises_socket_timeout(remote):
@@ -7948,16 +7903,13 @@ def test_remote_redirect_is_not_followed_and_never_into_the_bridge(remote, code,
         return 200, [("Content-Type", "text/plain"), ("Content-Length", "8")], [b"followed"]
 
     remote.app = ib.trusted(make_app(remote.kind, logic), KEY)
-    factory = ib.OpenerFactory({"local": make_app("wsgi-worker", _ok(local_calls)),
-                                "local.internal": make_app("wsgi-worker", _ok(local_calls))},
-                               intercept_http=True)
-    try:
+    with ib.OpenerFactory({"local": make_app("wsgi-worker", _ok(local_calls)),
+                           "local.internal": make_app("wsgi-worker", _ok(local_calls))},
+                          intercept_http=True) as factory:
         factory.mount("far", remote.url, key=KEY)
         with _http_error(code) as info:
             _factory_opener(factory).open("inproc://far/go", timeout=WAIT)
         assert info.value.headers["Location"] == target
-    finally:
-        factory.close()
     assert far_calls == ["/go"]
     assert local_calls == []
 
@@ -7985,15 +7937,12 @@ def test_remote_without_a_key_sends_no_inproc_headers(how):
 
 def test_remote_caller_set_inproc_headers_are_replaced_on_the_wire():
     with _RawServer(_OK_ANSWER) as raw:
-        handler = ib.InProcHandler(source=ib.SOURCE_AGENTS, actor="user-7")
-        try:
+        with ib.InProcHandler(source=ib.SOURCE_AGENTS, actor="user-7") as handler:
             handler.mount("api", raw.url, key=KEY)
             req = urllib.request.Request("inproc://api/v1", headers=_FORGED)
             req.add_unredirected_header("Inproc-signature", "forged too")
             with _bridge_opener(handler).open(req, timeout=WAIT) as resp:
                 assert resp.read() == b"ok"
-        finally:
-            handler.close()
     (data,) = raw.received
     sent = _inproc_headers(data)
     assert sorted(name for name, _ in sent) == [
@@ -8013,14 +7962,11 @@ def test_remote_key_never_crosses_the_wire():
                                headers={"Content-Type": "application/json"}),
     ]
     with _RawServer(_OK_ANSWER) as raw:
-        handler = ib.InProcHandler(source=ib.SOURCE_AGENTS, actor="user-7")
-        try:
+        with ib.InProcHandler(source=ib.SOURCE_AGENTS, actor="user-7") as handler:
             handler.mount("api", raw.url + "/base", key=KEY)
             for req in requests:
                 with _bridge_opener(handler).open(req, timeout=WAIT) as resp:
                     assert resp.read() == b"ok"
-        finally:
-            handler.close()
     assert len(raw.received) == len(requests)
     for data in raw.received:
         assert "inproc-signature" in dict(_request_headers(data)), "the request was not signed"
@@ -8037,13 +7983,10 @@ def test_remote_key_never_crosses_the_wire():
 def test_remote_sends_a_tag_header_only_for_a_tag_that_is_set(remote, source, actor, sent):
     """None sends no header and reaches the app as None; an actor travels as str(actor)."""
     with _RawServer(_OK_ANSWER) as raw:
-        handler = ib.InProcHandler(source=source, actor=actor)
-        try:
+        with ib.InProcHandler(source=source, actor=actor) as handler:
             handler.mount("api", raw.url, key=KEY)
             with _bridge_opener(handler).open("inproc://api/", timeout=WAIT) as resp:
                 assert resp.read() == b"ok"
-        finally:
-            handler.close()
     (data,) = raw.received
     on_wire = dict(_inproc_headers(data))
     assert set(on_wire) == set(sent) | {"inproc-time", "inproc-signature"}
@@ -8211,13 +8154,10 @@ def test_trusted_app_served_in_process_behaves_as_the_app_itself(app_kind):
     views, seen = [], {}
     for wrap in (_as_is, _guarded):
         saw = seen[wrap] = []
-        factory = ib.OpenerFactory(
-            {"api": wrap(_tags_recorded(app_kind, make_app(app_kind, _gateway(saw)), saw))})
-        try:
+        app = wrap(_tags_recorded(app_kind, make_app(app_kind, _gateway(saw)), saw))
+        with ib.OpenerFactory({"api": app}) as factory:
             views.append(_gateway_calls(
                 factory.opener_for(actor=actor, source=ib.SOURCE_AGENTS), KIND_TIMEOUT[app_kind]))
-        finally:
-            factory.close()
     assert views[1] == views[0]
     assert seen[_guarded] == seen[_as_is]
     assert ("scope" if app_kind == "asgi" else "environ", "agents", actor) in seen[_guarded]
@@ -8231,14 +8171,11 @@ def test_trusted_app_in_process_keeps_the_bridges_tags_against_caller_set_header
         seen.append((ib.current_source(), ib.current_actor()))
         return 200, [("Content-Type", "text/plain"), ("Content-Length", "2")], [b"ok"]
 
-    factory = ib.OpenerFactory({"api": ib.trusted(make_app(app_kind, logic), KEY)})
-    try:
+    with ib.OpenerFactory({"api": ib.trusted(make_app(app_kind, logic), KEY)}) as factory:
         req = urllib.request.Request("inproc://api/", headers=_FORGED)
         opener = factory.opener_for(source=ib.SOURCE_AGENTS, actor="user-7")
         with opener.open(req, timeout=KIND_TIMEOUT[app_kind]) as resp:
             assert resp.read() == b"ok"
-    finally:
-        factory.close()
     assert seen == [("agents", "user-7")]
 
 
@@ -9088,8 +9025,7 @@ def test_intercept_of_a_factory_takes_its_mounts_and_the_keywords():
         seen.append((req.target, ib.current_source(), ib.current_actor()))
         return 204, [], []
 
-    factory = ib.OpenerFactory({_ICPT_HOST: make_app("wsgi-worker", logic)})
-    try:
+    with ib.OpenerFactory({_ICPT_HOST: make_app("wsgi-worker", logic)}) as factory:
         with ib.intercept(factory, source=ib.SOURCE_AGENTS, actor="user-7",
                           network=False) as bridge:
             assert isinstance(bridge, ib.InProcHandler)
@@ -9098,8 +9034,6 @@ def test_intercept_of_a_factory_takes_its_mounts_and_the_keywords():
             assert _icpt_get("http.client", "http://late.internal/b") == b""
         with ib.intercept(factory, network=False):
             assert _icpt_get("urlopen", "https://late.internal/c") == b""
-    finally:
-        factory.close()
     assert seen == [("/a", "agents", "user-7"), ("/b", "agents", "user-7"), ("/c", None, None)]
 
 
@@ -9593,14 +9527,11 @@ def test_trusted_refuses_a_signature_replayed_across_the_path_and_query(remote):
         return inner(environ, start_response)
 
     remote.app = spy
-    factory = ib.OpenerFactory()
-    try:
+    with ib.OpenerFactory() as factory:
         factory.mount("api", remote.url, key=KEY)
         with _factory_opener(factory, source="agents").open("inproc://api/x%3Fy",
                                                             timeout=WAIT) as resp:
             assert resp.read() == b"ok"
-    finally:
-        factory.close()
     conn = http.client.HTTPConnection(urllib.parse.urlsplit(remote.url).netloc, timeout=WAIT)
     try:
         conn.request("GET", "/x?y", headers={name[5:].replace("_", "-"): value
@@ -9623,14 +9554,11 @@ def test_remote_never_sends_an_underscore_spelling_of_inproc_headers(remote):
 
     remote.app = app
     for key in (KEY, None):
-        factory = ib.OpenerFactory()
-        try:
+        with ib.OpenerFactory() as factory:
             factory.mount("api", remote.url, key=key)
             req = urllib.request.Request("inproc://api/x", headers={"Inproc_Source": "admin"})
             with _factory_opener(factory).open(req, timeout=WAIT) as resp:
                 assert resp.read() == b"ok"
-        finally:
-            factory.close()
     assert wire == [["HTTP_INPROC_SIGNATURE", "HTTP_INPROC_TIME"], []]
 
 
@@ -10088,8 +10016,7 @@ def test_asgi_serves_a_starlette_app():
 
     app = Starlette(routes=[Route("/hello", hello, methods=["POST"]), Route("/sse", stream)],
                     lifespan=lifespan)
-    factory = ib.OpenerFactory({"api": app})
-    try:
+    with ib.OpenerFactory({"api": app}) as factory:
         assert events == ["startup"]
         opener = factory.opener_for(source="tests")
         with opener.open("inproc://api/hello", data=b"hi", timeout=WAIT) as resp:
@@ -10102,8 +10029,6 @@ def test_asgi_serves_a_starlette_app():
             assert resp.read() == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
         with _http_error(404):
             opener.open("inproc://api/nowhere", timeout=WAIT)
-    finally:
-        factory.close()
     assert events == ["startup", "shutdown"]
 
 
@@ -10256,11 +10181,8 @@ def test_fastapi_json_post_needs_its_content_type_in_process_as_over_uvicorn():
 
     with _uvicorn_loopback(api) as base:
         wire = both(_jar_opener(), base + "/items")
-    factory = ib.OpenerFactory({"api": api})
-    try:
+    with ib.OpenerFactory({"api": api}) as factory:
         got = both(factory.opener_for(source="tests"), "inproc://api/items")
-    finally:
-        factory.close()
     assert got[0]["status"] == 200
     assert json.loads(got[0]["body"]) == {"name": "tea", "price": 2.5, "source": "tests"}
     assert json.loads(wire[0]["body"]) == {"name": "tea", "price": 2.5, "source": None}
