@@ -7119,13 +7119,10 @@ def test_drain_returns_once_the_caller_closes_its_stream(app_kind):
     seen = []
     apps = {"endless": _endless_app(app_kind, seen), "ping": make_app(app_kind, _ok([]))}
     with Bridge(apps) as (opener, handler):
-        resp = opener.open("inproc://endless/", timeout=timeout)
-        try:
+        with contextlib.closing(opener.open("inproc://endless/", timeout=timeout)) as resp:
             assert resp.read(len(FIRST)) == FIRST
             count, seconds = _drain_beside(handler, opener, "inproc://ping/", timeout,
                                            resp.close)
-        finally:
-            resp.close()
         assert _wait_for(lambda: seen), "the app never learnt its caller left"
     assert count == 0
     assert seconds < DRAIN_GENEROUS - 1.0, "drain() waited for its deadline"
@@ -8630,19 +8627,13 @@ def test_intercept_http_client_request_reaches_the_app_as_over_tcp():
                 ("PUT", "/file", io.BytesIO(b"file body"), {"X-B": "c"}),
                 ("DELETE", "/d", None, {})]
     with _icpt_loopback(_RequestEchoHandler) as server:
-        conn = http.client.HTTPConnection(server.name, timeout=WAIT)
-        try:
+        with contextlib.closing(http.client.HTTPConnection(server.name, timeout=WAIT)) as conn:
             expected = _icpt_exchanges(conn, requests)
-        finally:
-            conn.close()
     requests[2:4] = [("POST", "/chunked", iter([b"ab", b"", b"cd"]), {}),
                      ("PUT", "/file", io.BytesIO(b"file body"), {"X-B": "c"})]
     with _icpt_block({_ICPT_HOST: _RequestEchoHandler}, network=False):
-        conn = http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)
-        try:
+        with contextlib.closing(http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)) as conn:
             got = _icpt_exchanges(conn, requests)
-        finally:
-            conn.close()
     assert [g[3] for g in got] == [e[3] for e in expected]
     assert got == expected
 
@@ -8665,11 +8656,8 @@ def test_intercept_http_client_response_is_what_tcp_gives():
                 finally:
                     conn.close()
         with _icpt_block({_ICPT_HOST: handler}, network=False):
-            conn = http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)
-            try:
+            with contextlib.closing(http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)) as conn:
                 got = _icpt_exchanges(conn, requests)
-            finally:
-                conn.close()
         assert got == expected, handler.__name__
 
 
@@ -8813,12 +8801,9 @@ def test_intercept_openers_and_names_taken_before_the_block():
             assert resp.read() == b"in-process /3"
         with build_opener().open("http://api.internal/4") as resp:
             assert resp.read() == b"in-process /4"
-        conn = connection(_ICPT_HOST)
-        try:
+        with contextlib.closing(connection(_ICPT_HOST)) as conn:
             conn.request("GET", "/5")
             assert conn.getresponse().read() == b"in-process /5"
-        finally:
-            conn.close()
     assert [(r.target, r.headers.get("X-Stamp")) for r in seen] == [
         ("/1", "built before"), ("/2", None), ("/3", None), ("/4", None), ("/5", None)]
 
@@ -9614,8 +9599,7 @@ def test_intercept_http_client_cut_from_a_handler_raises(framing):
 
     with _icpt_block({}) as bridge:
         bridge.mount(_ICPT_HOST, Handler, fault=ib.Fault(cut_after=15))
-        conn = http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)
-        try:
+        with contextlib.closing(http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)) as conn:
             conn.request("GET", "/")
             resp = conn.getresponse()
             got = b""
@@ -9623,8 +9607,6 @@ def test_intercept_http_client_cut_from_a_handler_raises(framing):
                 for piece in iter(lambda: resp.read(7), b""):
                     got += piece
             assert body.startswith(got) and len(got) <= 15
-        finally:
-            conn.close()
 
 
 @pytest.mark.parametrize("app_kind", ["handler", "wsgi-worker"])
@@ -9661,8 +9643,7 @@ def test_intercept_http_client_closed_mid_request_frees_the_app(app_kind):
 def test_intercept_connection_outliving_its_block_is_reset():
     """A connection made inside a block and used after it: reset, not served
     by the block's closed bridge, not sent to the network."""
-    conn = http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)
-    try:
+    with contextlib.closing(http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)) as conn:
         with _icpt_block({_ICPT_HOST: make_app("wsgi-inline", _answer(body=b"ok"))},
                          network=False):
             conn.request("GET", "/1")
@@ -9670,8 +9651,6 @@ def test_intercept_connection_outliving_its_block_is_reset():
         with pytest.raises(ConnectionResetError):
             conn.request("GET", "/2")
             conn.getresponse()
-    finally:
-        conn.close()
 
 
 # ---------------------------------------------------------------------------
