@@ -4894,13 +4894,14 @@ def test_fork_parent_keeps_serving_with_its_threads(app_kind):
     assert (reports, code) == (["done"], 0)
 
 
-def _first_line_then_gate(gate):
-    """Logic streaming b"first\\n" at once and b"second\\n" once ``gate`` is set."""
+def _first_then_late(release, first=FIRST, late=b"late", wait=WAIT):
+    """Logic that sends ``first`` at once and ``late`` only once ``release`` is set
+    (or ``wait`` seconds have passed)."""
     def logic(req):
         def chunks():
-            yield b"first\n"
-            gate.wait(3 * WAIT)
-            yield b"second\n"
+            yield first
+            release.wait(wait)
+            yield late
 
         return 200, [("Content-Type", "text/plain")], chunks()
 
@@ -4910,7 +4911,7 @@ def _first_line_then_gate(gate):
 @pytest.mark.parametrize("start", _FORK_STARTS)
 def test_fork_child_read_of_a_parents_open_response_fails_promptly(app_kind, start):
     gate = threading.Event()
-    logic = _first_line_then_gate(gate)
+    logic = _first_then_late(gate, b"first\n", b"second\n", 3 * WAIT)
     # No timeout that could fire within the child's watchdog (WAIT seconds).
     timeout = 6 * WAIT if app_kind == "wsgi-worker" else None
     with serve_kind(app_kind, logic) as (opener, _):
@@ -4943,7 +4944,7 @@ def test_fork_child_drains_and_intercepts_without_the_parents_exchanges(app_kind
     the parent's exchange (it is not the child's to end), and intercept()
     works there -- no lock or block of the parent's stands in the way."""
     gate = threading.Event()
-    logic = _first_line_then_gate(gate)
+    logic = _first_then_late(gate, b"first\n", b"second\n", 3 * WAIT)
     timeout = 6 * WAIT if app_kind == "wsgi-worker" else None
     with Bridge({"app": make_app(app_kind, logic)}) as (opener, handler):
         try:
@@ -7259,19 +7260,6 @@ def test_drain_on_a_factory_refuses_on_every_opener_and_cancels_what_is_in_fligh
         assert factory.drain(WAIT) == 0
     assert calls == ["/"]
     assert seen == [_left(app_kind)]
-
-
-def _first_then_late(release):
-    """Logic that sends FIRST at once and b"late" only once ``release`` is set."""
-    def logic(req):
-        def chunks():
-            yield FIRST
-            release.wait(WAIT)
-            yield b"late"
-
-        return 200, [("Content-Type", "text/plain")], chunks()
-
-    return logic
 
 
 @contextlib.contextmanager
