@@ -8017,26 +8017,19 @@ def test_trusted_refuses_a_tampered_source(remote, source):
 
 
 @pytest.mark.parametrize("name, value", [("PATH_INFO", "/v1/admin"), ("QUERY_STRING", "x=2"),
-                                         ("QUERY_STRING", "")], ids=["path", "query", "no query"])
-def test_trusted_refuses_a_tampered_path(remote, name, value):
+                                         ("QUERY_STRING", ""), ("REQUEST_METHOD", "DELETE")],
+                         ids=["path", "query", "no query", "method"])
+def test_trusted_refuses_a_tampered_path_or_method(remote, name, value):
     _assert_refused(_through(remote, _set(name, value)))
 
 
-def test_trusted_refuses_a_tampered_method(remote):
-    _assert_refused(_through(remote, _set("REQUEST_METHOD", "DELETE")))
-
-
-def test_trusted_refuses_a_tampered_signature(remote):
+@pytest.mark.parametrize("name, change", [
+    ("HTTP_INPROC_SIGNATURE", lambda signature: ("0" if signature[0] != "0" else "1")
+     + signature[1:]),
+    ("HTTP_INPROC_TIME", _last_digit_changed)], ids=["signature", "time"])
+def test_trusted_refuses_a_tampered_signature_or_time(remote, name, change):
     def alter(environ):
-        signature = environ["HTTP_INPROC_SIGNATURE"]
-        environ["HTTP_INPROC_SIGNATURE"] = ("0" if signature[0] != "0" else "1") + signature[1:]
-
-    _assert_refused(_through(remote, alter))
-
-
-def test_trusted_refuses_a_tampered_time(remote):
-    def alter(environ):
-        environ["HTTP_INPROC_TIME"] = _last_digit_changed(environ["HTTP_INPROC_TIME"])
+        environ[name] = change(environ[name])
 
     _assert_refused(_through(remote, alter))
 
