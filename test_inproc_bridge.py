@@ -3277,9 +3277,8 @@ def test_error_wsgi_without_start_response_is_500(kind_timeout, caplog):
     def app(environ, start_response):
         return []
 
-    with caplog.at_level(logging.CRITICAL, logger="inproc_bridge"):
-        with _http_error(500):
-            _opener({"api": app}).open("inproc://api/", timeout=kind_timeout)
+    with caplog.at_level(logging.CRITICAL, logger="inproc_bridge"), _http_error(500):
+        _opener({"api": app}).open("inproc://api/", timeout=kind_timeout)
 
 
 def test_error_send_error_reaches_the_caller():
@@ -3304,9 +3303,8 @@ def test_asgi_no_response_is_a_500(caplog):
         with Bridge({"silent": silent, "unfinished": unfinished}) as (opener, _):
             with _http_error(500):
                 opener.open("inproc://silent/", timeout=WAIT)
-            with opener.open("inproc://unfinished/", timeout=WAIT) as resp:
-                with pytest.raises(OSError):
-                    resp.read()
+            with opener.open("inproc://unfinished/", timeout=WAIT) as resp, pytest.raises(OSError):
+                resp.read()
     messages = " ".join(r.getMessage() + str(r.exc_info[1]) for r in caplog.records
                         if r.exc_info)
     assert "http.response.start" in messages and "more_body" in messages
@@ -3342,9 +3340,8 @@ def test_asgi_protocol_errors_in_send():
         for name in ("body-first", "bad-header", "str-header", "bad-status"):
             with _http_error(500):
                 opener.open("inproc://%s/" % name, timeout=WAIT)
-        with opener.open("inproc://too-long/", timeout=WAIT) as resp:
-            with pytest.raises(OSError):
-                resp.read()
+        with opener.open("inproc://too-long/", timeout=WAIT) as resp, pytest.raises(OSError):
+            resp.read()
     assert isinstance(results["body-first"], RuntimeError)
     assert isinstance(results["bad-header"], ValueError)
     assert isinstance(results["str-header"], TypeError)
@@ -3398,9 +3395,8 @@ def test_badinput_str_items_in_body_iterable_are_typeerror(app_kind, kind_timeou
     ("inproc://api/caf\u00e9", UnicodeEncodeError),
 ], ids=["space", "del", "nul", "crlf", "non-ascii"])
 def test_badinput_control_characters_in_url_are_refused(app_kind, kind_timeout, url, error):
-    with Bridge({"api": make_app(app_kind, _never_called)}) as (opener, _):
-        with pytest.raises(error):
-            opener.open(url, timeout=kind_timeout)
+    with Bridge({"api": make_app(app_kind, _never_called)}) as (opener, _), pytest.raises(error):
+        opener.open(url, timeout=kind_timeout)
 
 
 class _BytesSocket:
@@ -4059,10 +4055,9 @@ def test_asgi_disconnect_once_the_response_is_complete():
         record["after"] = await receive()  # returns at once, as uvicorn's does
         done.set()
 
-    with Bridge({"api": app}) as (opener, _):
-        with opener.open("inproc://api/", timeout=WAIT) as resp:
-            assert done.wait(WAIT)
-            assert resp.read() == b"done"
+    with Bridge({"api": app}) as (opener, _), opener.open("inproc://api/", timeout=WAIT) as resp:
+        assert done.wait(WAIT)
+        assert resp.read() == b"done"
     assert record["after"] == {"type": "http.disconnect"}
 
 
@@ -5165,9 +5160,8 @@ def test_auth_with_password_for_inproc_url(route_app, scheme, handler_class):
     calls = []
     auth = handler_class(_password_mgr("inproc://api/"))
     opener = _inproc_opener({"api": make_route(calls)}, auth)
-    with _dropped_responses():
-        with opener.open("inproc://api/" + scheme, timeout=timeout) as resp:
-            assert resp.read() == b"welcome, " + scheme.encode()
+    with _dropped_responses(), opener.open("inproc://api/" + scheme, timeout=timeout) as resp:
+        assert resp.read() == b"welcome, " + scheme.encode()
     assert len(calls) == 2
 
 
@@ -5249,9 +5243,8 @@ def test_intercept_other_hosts_and_ports_fall_through(kind_timeout):
               "http://ported.internal/", "http://ported.internal:80/",
               "https://ported.internal/"]
     for url in misses:
-        with pytest.raises(urllib.error.URLError) as info:
-            with opener.open(url, timeout=kind_timeout):
-                pass
+        with pytest.raises(urllib.error.URLError) as info, opener.open(url, timeout=kind_timeout):
+            pass
         assert not isinstance(info.value, urllib.error.HTTPError)
     assert fell == misses
     with opener.open("http://ported.internal:8080/hit", timeout=kind_timeout) as resp:
@@ -5699,9 +5692,8 @@ def test_security_inproc_to_network_to_inproc_is_blocked(route_app):
 def test_security_exact_host_matching(url):
     calls = []
     opener = _inproc_opener({"api": make_app("wsgi-inline", _route_logic(calls))})
-    with pytest.raises(urllib.error.URLError) as info:
-        with opener.open(url):
-            pass
+    with pytest.raises(urllib.error.URLError) as info, opener.open(url):
+        pass
     assert not isinstance(info.value, urllib.error.HTTPError)
     assert calls == []
 
@@ -6770,9 +6762,8 @@ def test_fault_with_record_gives_the_outcome(app_kind, fault, outcome):
         if "status" in fault:
             assert _body_or_code(opener, "inproc://api/", timeout) == 503
         else:
-            with opener.open("inproc://api/", timeout=timeout) as resp:
-                with pytest.raises(ALLOWED):
-                    resp.read()
+            with opener.open("inproc://api/", timeout=timeout) as resp, pytest.raises(ALLOWED):
+                resp.read()
         call = bridge.calls.last
         assert _settled(call) == outcome
     if "status" in fault:
@@ -7294,16 +7285,15 @@ def test_drain_handler_or_factory_as_a_context_manager_returns_it_and_closes_it(
     if unit == "handler":
         opener = urllib.request.build_opener(bridge)
     raising = pytest.raises(_Leave) if leave == "by an exception" else contextlib.nullcontext()
-    with raising:
-        with bridge as entered:
-            assert entered is bridge
-            if unit == "factory":
-                opener = entered.opener_for(source="one")
-            with opener.open("inproc://where/", timeout=WAIT) as resp:
-                assert resp.read() == b"here"
-            assert record["thread"].is_alive()
-            if leave == "by an exception":
-                raise _Leave()
+    with raising, bridge as entered:
+        assert entered is bridge
+        if unit == "factory":
+            opener = entered.opener_for(source="one")
+        with opener.open("inproc://where/", timeout=WAIT) as resp:
+            assert resp.read() == b"here"
+        assert record["thread"].is_alive()
+        if leave == "by an exception":
+            raise _Leave()
     assert _wait_for(lambda: not record["thread"].is_alive()), "the ASGI loop still runs"
     assert lifespan.shutdown.is_set()
     with pytest.raises(ib.BridgeError):  # closed: ASGI apps can no longer be called
@@ -7857,20 +7847,18 @@ def test_remote_mount_counts_as_mounted_for_intercept_http(remote):
 
 
 def test_remote_timeout_raises_socket_timeout_when_the_server_never_answers():
-    with _RawServer(answer=None) as silent:
-        with ib.InProcHandler(source=ib.SOURCE_AGENTS) as handler:
-            handler.mount("api", silent.url, key=KEY)
-            started = time.monotonic()
-            with pytest.raises(socket.timeout):
-                _bridge_opener(handler).open("inproc://api/v1/chat", timeout=SHORT_TIMEOUT)
-            assert time.monotonic() - started < WAIT
-            assert silent.accepted.is_set(), "the request never reached the server"
+    with _RawServer(answer=None) as silent, ib.InProcHandler(source=ib.SOURCE_AGENTS) as handler:
+        handler.mount("api", silent.url, key=KEY)
+        started = time.monotonic()
+        with pytest.raises(socket.timeout):
+            _bridge_opener(handler).open("inproc://api/v1/chat", timeout=SHORT_TIMEOUT)
+        assert time.monotonic() - started < WAIT
+        assert silent.accepted.is_set(), "the request never reached the server"
 
 
 def test_remote_timeout_between_body_chunks_raises_socket_timeout(remote):
-    with _remote_stream(remote, SHORT_TIMEOUT) as (_, resp):
-        with pytest.raises(socket.timeout):
-            resp.read()
+    with _remote_stream(remote, SHORT_TIMEOUT) as (_, resp), pytest.raises(socket.timeout):
+        resp.read()
 
 
 @pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
@@ -7967,11 +7955,10 @@ def test_remote_key_never_crosses_the_wire():
 ], ids=["neither", "source only", "actor only", "both"])
 def test_remote_sends_a_tag_header_only_for_a_tag_that_is_set(remote, source, actor, sent):
     """None sends no header and reaches the app as None; an actor travels as str(actor)."""
-    with _RawServer(_OK_ANSWER) as raw:
-        with ib.InProcHandler(source=source, actor=actor) as handler:
-            handler.mount("api", raw.url, key=KEY)
-            with _bridge_opener(handler).open("inproc://api/", timeout=WAIT) as resp:
-                assert resp.read() == b"ok"
+    with _RawServer(_OK_ANSWER) as raw, ib.InProcHandler(source=source, actor=actor) as handler:
+        handler.mount("api", raw.url, key=KEY)
+        with _bridge_opener(handler).open("inproc://api/", timeout=WAIT) as resp:
+            assert resp.read() == b"ok"
     (data,) = raw.received
     on_wire = dict(_inproc_headers(data))
     assert set(on_wire) == set(sent) | {"inproc-time", "inproc-signature"}
@@ -9023,9 +9010,8 @@ def test_intercept_mount_and_unmount_inside_the_block_act_at_once(app_kind):
                          ids=["int", "str", "bytes", "list", "float", "object"])
 def test_intercept_of_what_is_not_apps_is_a_typeerror_naming_it(bad):
     before = _icpt_snapshot(_ICPT_WATCHED)
-    with pytest.raises(TypeError, match=type(bad).__name__):
-        with ib.intercept(bad):
-            pytest.fail("the block ran")
+    with pytest.raises(TypeError, match=type(bad).__name__), ib.intercept(bad):
+        pytest.fail("the block ran")
     assert _icpt_unpatched(before) == []
 
 
@@ -9042,9 +9028,8 @@ def test_intercept_bad_mount_name_is_the_error_mount_gives(name):
         assert _icpt_get("http.client", "http://api.internal/") == b"in-process"
     assert _icpt_unpatched(before) == []
     if isinstance(name, str):  # a mapping with the bad name: refused before any patch
-        with pytest.raises(ValueError) as info:
-            with ib.intercept({name: app}):
-                pytest.fail("the block ran")
+        with pytest.raises(ValueError) as info, ib.intercept({name: app}):
+            pytest.fail("the block ran")
         assert str(info.value) == str(expected.value)
         assert _icpt_unpatched(before) == []
 
@@ -9101,9 +9086,8 @@ def test_intercept_network_false_never_connects(monkeypatch):
             conn.close()
             with pytest.raises(ib.BridgeError, match=_ICPT_LOOPBACK):
                 _icpt_get("urlopen", "https://api.internal/go")
-        with _icpt_block(None, network=False):
-            with pytest.raises(ib.BridgeError, match=_ICPT_LOOPBACK):
-                _icpt_get("http.client", url)
+        with _icpt_block(None, network=False), pytest.raises(ib.BridgeError, match=_ICPT_LOOPBACK):
+            _icpt_get("http.client", url)
         assert _icpt_net(server) == b"net"
         assert server.accepts == 1  # the request just made, and no other
 
@@ -9268,10 +9252,9 @@ def test_intercept_exception_inside_restores_and_propagates(monkeypatch, error):
     before = _icpt_snapshot(_ICPT_WATCHED)
     raised = error("raised inside the block")
     with _icpt_loopback() as server:
-        with pytest.raises(error) as info:
-            with _icpt_block({server.name: _icpt_wsgi()}):
-                assert _icpt_get("http.client", server.base + "/") == b"in-process"
-                raise raised
+        with pytest.raises(error) as info, _icpt_block({server.name: _icpt_wsgi()}):
+            assert _icpt_get("http.client", server.base + "/") == b"in-process"
+            raise raised
         assert info.value is raised
         assert _icpt_unpatched(before) == []
         assert _icpt_get("http.client", server.base + "/") == b"net"
@@ -9544,9 +9527,8 @@ def test_intercept_refuses_a_network_redirect_to_an_encoded_mounted_host():
                                                 ("Content-Type", "text/plain")])
 
     with _icpt_loopback(Redirector) as server:
-        with _icpt_block({_ICPT_HOST: make_app("wsgi-inline", _never_called)}):
-            with _http_error(302):
-                _net_opener().open(server.base + "/", timeout=WAIT)
+        with _icpt_block({_ICPT_HOST: make_app("wsgi-inline", _never_called)}), _http_error(302):
+            _net_opener().open(server.base + "/", timeout=WAIT)
 
 
 def test_intercept_does_not_follow_a_remote_mounts_redirect(remote):
