@@ -8908,14 +8908,21 @@ def test_intercept_error_before_the_head_is_500(app_kind, client, scheme):
                 _icpt_get(client, url, KIND_TIMEOUT[app_kind], opener)
 
 
+def _tagged_204(seen, target=False):
+    """Logic answering 204 that appends (current_source(), current_actor(),
+    req.tags) to ``seen`` -- with ``target``: (req.target, source, actor)."""
+    def logic(req):
+        tags = (ib.current_source(), ib.current_actor())
+        seen.append((req.target, *tags) if target else (*tags, req.tags))
+        return 204, [], []
+
+    return logic
+
+
 @pytest.mark.parametrize(("client", "scheme"), _ICPT_PATHS)
 def test_intercept_source_and_actor_reach_the_app(app_kind, client, scheme):
     seen = []
-
-    def logic(req):
-        seen.append((ib.current_source(), ib.current_actor(), req.tags))
-        return 204, [], []
-
+    logic = _tagged_204(seen)
     opener = urllib.request.build_opener()
     url = "%s://%s/who" % (scheme, _ICPT_HOST)
     with _icpt_block({_ICPT_HOST: make_app(app_kind, logic)}, source=ib.SOURCE_AGENTS,
@@ -8930,11 +8937,7 @@ def test_intercept_source_and_actor_reach_the_app(app_kind, client, scheme):
 
 def test_intercept_without_source_or_actor_the_app_sees_none():
     seen = []
-
-    def logic(req):
-        seen.append((ib.current_source(), ib.current_actor(), req.tags))
-        return 204, [], []
-
+    logic = _tagged_204(seen)
     with _icpt_block({_ICPT_HOST: make_app("wsgi-worker", logic)}):
         assert _icpt_get("http.client", "http://api.internal/") == b""
     assert seen == [(None, None, (None, None))]
@@ -8952,11 +8955,7 @@ def test_intercept_is_public():
 
 def test_intercept_of_a_handler_takes_its_mounts_source_and_actor():
     seen = []
-
-    def logic(req):
-        seen.append((req.target, ib.current_source(), ib.current_actor()))
-        return 204, [], []
-
+    logic = _tagged_204(seen, target=True)
     handler = ib.InProcHandler({_ICPT_HOST: make_app("wsgi-worker", logic)},
                                source="billing", actor="user-1")
     with ib.intercept(handler, network=False) as bridge:
@@ -8973,11 +8972,7 @@ def test_intercept_of_a_handler_takes_its_mounts_source_and_actor():
 
 def test_intercept_of_a_factory_takes_its_mounts_and_the_keywords():
     seen = []
-
-    def logic(req):
-        seen.append((req.target, ib.current_source(), ib.current_actor()))
-        return 204, [], []
-
+    logic = _tagged_204(seen, target=True)
     with ib.OpenerFactory({_ICPT_HOST: make_app("wsgi-worker", logic)}) as factory:
         with ib.intercept(factory, source=ib.SOURCE_AGENTS, actor="user-7",
                           network=False) as bridge:
