@@ -876,8 +876,7 @@ def _route(method, path, query, body, get):
     if path == "/set-cookie-redirect":
         return "302 Found", [*text, ("Set-Cookie", "hop=1; Path=/"), ("Location", "/echo")], b""
     if path == "/basic":
-        expect = "Basic " + base64.b64encode(
-            ("%s:%s" % (_USER, _PASS)).encode()).decode("ascii")
+        expect = "Basic " + base64.b64encode(("%s:%s" % (_USER, _PASS)).encode()).decode("ascii")
         if get("authorization") != expect:
             return ("401 Unauthorized",
                     [*text, ("WWW-Authenticate", 'Basic realm="%s"' % _REALM)], b"denied")
@@ -907,8 +906,7 @@ def _route_logic(calls):
 
     def logic(req):
         calls.append((req.method, req.path, req.query, req.body))
-        status, headers, out = _route(req.method, req.path, req.query, req.body,
-                                      req.headers.get)
+        status, headers, out = _route(req.method, req.path, req.query, req.body, req.headers.get)
         return status, [*headers, ("Content-Length", str(len(out)))], [out]
 
     return logic
@@ -1156,8 +1154,7 @@ class FallThroughHTTPS(urllib.request.HTTPSHandler):
 
 
 def _intercept_opener(apps, seen):
-    return _inproc_opener(apps, FallThroughHTTP(seen), FallThroughHTTPS(seen),
-                            intercept_http=True)
+    return _inproc_opener(apps, FallThroughHTTP(seen), FallThroughHTTPS(seen), intercept_http=True)
 
 
 class OpenerTransport(xmlrpc.client.Transport):
@@ -1625,8 +1622,7 @@ def _dropped_body_spinner(give_up):
         deadline = time.monotonic() + give_up
         try:
             while not state.stop.is_set() and time.monotonic() < deadline:
-                await send({"type": "http.response.body", "body": b"x" * 64,
-                            "more_body": True})
+                await send({"type": "http.response.body", "body": b"x" * 64, "more_body": True})
                 state.sends += 1
                 if state.sends == 100:
                     state.looping.set()
@@ -1753,8 +1749,7 @@ def _fault_case(kind, seed):
             case.framing = "over"
         over = total + rng.randint(1, 1000)
         under = rng.randrange(total) if total else None
-        case.declared = {"none": None, "exact": total, "over": over,
-                         "under": under}[case.framing]
+        case.declared = {"none": None, "exact": total, "over": over, "under": under}[case.framing]
         case.last_closes = bool(pieces) and rng.random() < 0.5
         n = len(pieces)
         points = [-1, *range(n), *([] if case.last_closes else [n]), "after"]
@@ -1770,8 +1765,7 @@ def _fault_case(kind, seed):
     case.stall = rng.choice(stall_points) if stall_points and rng.random() < 0.15 else None
     if kind == "handler":
         case.timeout = STALL_TIMEOUT if case.stall is not None else rng.choice([None, 5])
-    case.plan = [(rng.choice(READ_KINDS), rng.choice(READ_SIZES))
-                 for _ in range(rng.randint(1, 4))]
+    case.plan = [(rng.choice(READ_KINDS), rng.choice(READ_SIZES)) for _ in range(rng.randint(1, 4))]
     case.close_after = rng.randint(0, 5) if rng.random() < (0.3 if asgi else 0.2) else None
     if asgi:
         case.timeout = STALL_TIMEOUT if case.stall is not None else rng.choice([None, 5])
@@ -1816,14 +1810,12 @@ def _fault_app(case, probe):
                     headers = [(b"content-type", b"application/octet-stream")]
                     if case.declared is not None:
                         headers.append((b"content-length", str(case.declared).encode()))
-                    await send({"type": "http.response.start", "status": 200,
-                                "headers": headers})
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
                     for i, piece in enumerate(pieces):
                         if await point(i):
                             return
                         more = not (case.last_closes and i == len(pieces) - 1)
-                        await send({"type": "http.response.body", "body": piece,
-                                    "more_body": more})
+                        await send({"type": "http.response.body", "body": piece, "more_body": more})
                     if not case.last_closes:
                         if await point(len(pieces)):
                             return
@@ -2354,8 +2346,7 @@ def _wsgi_seen(app, path, kind, times=1):
 
 def _wire(headers):
     """What http.client makes of ``headers`` written as a server writes them."""
-    block = b"".join(b"%s: %s\r\n" % (n.encode("latin-1"), v.encode("latin-1"))
-                     for n, v in headers)
+    block = b"".join(b"%s: %s\r\n" % (n.encode("latin-1"), v.encode("latin-1")) for n, v in headers)
     return http.client.parse_headers(io.BytesIO(block + b"\r\n")).items()
 
 
@@ -3305,8 +3296,7 @@ def test_asgi_no_response_is_a_500(caplog):
                 opener.open("inproc://silent/", timeout=WAIT)
             with opener.open("inproc://unfinished/", timeout=WAIT) as resp, pytest.raises(OSError):
                 resp.read()
-    messages = " ".join(r.getMessage() + str(r.exc_info[1]) for r in caplog.records
-                        if r.exc_info)
+    messages = " ".join(r.getMessage() + str(r.exc_info[1]) for r in caplog.records if r.exc_info)
     assert "http.response.start" in messages and "more_body" in messages
 
 
@@ -3325,8 +3315,7 @@ def test_asgi_protocol_errors_in_send():
 
         return app
 
-    start = {"type": "http.response.start", "status": 200,
-             "headers": [(b"content-length", b"3")]}
+    start = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"3")]}
     apps = {
         "body-first": make([{"type": "http.response.body", "body": b"x"}], "body-first"),
         "bad-header": make([{"type": "http.response.start", "status": 200,
@@ -4176,8 +4165,7 @@ def test_asgi_every_task_waiting_in_receive_gets_disconnect(how):
         try:
             if how == "close":
                 await send({"type": "http.response.start", "status": 200, "headers": []})
-                await send({"type": "http.response.body", "body": b"first\n",
-                            "more_body": True})
+                await send({"type": "http.response.body", "body": b"first\n", "more_body": True})
             _, pending = await asyncio.wait(tasks, timeout=WAIT)
             for task in pending:
                 task.cancel()
@@ -4681,8 +4669,7 @@ def test_context_vars_reach_the_app_and_do_not_leak_back(app_kind):
     seen = []
 
     def logic(req):
-        seen.append((var.get(), ib.current_source(), ib.current_actor(),
-                     ib.cancelled().is_set()))
+        seen.append((var.get(), ib.current_source(), ib.current_actor(), ib.cancelled().is_set()))
         var.set("changed by app")
         return 200, [("Content-Type", "text/plain")], []
 
@@ -4781,8 +4768,7 @@ def test_asgi_concurrent_requests_share_the_loop():
         assert scope["type"] == "http"
         await send({"type": "http.response.start", "status": 200, "headers": []})
         for _ in range(40):  # 2.5 MiB: the reader below never drains it
-            await send({"type": "http.response.body", "body": b"s" * 65536,
-                        "more_body": True})
+            await send({"type": "http.response.body", "body": b"s" * 65536, "more_body": True})
         await slow_baton.take()
         await send({"type": "http.response.body", "body": b""})
 
@@ -5222,8 +5208,7 @@ def test_intercept_serves_mounted_hosts_with_their_scheme_and_host(kind_timeout)
 
 def test_intercept_handler_class_sees_host_it_was_called_with():
     seen_by_app, fell = [], []
-    opener = _intercept_opener({"api.internal": make_app("handler", _host_seer(seen_by_app))},
-                               fell)
+    opener = _intercept_opener({"api.internal": make_app("handler", _host_seer(seen_by_app))}, fell)
     for url in ("http://api.internal/x", "https://API.internal:443/y"):
         with opener.open(url) as resp:
             assert resp.status == 204
@@ -5394,8 +5379,7 @@ def test_diff_simplehttp_files_listing_and_errors(docroot):
     # the cases meant something
     assert _observe(inproc, "inproc://api/sub")[1:2] == (200,)
     assert _observe(inproc, "inproc://api/sub")[-1] == "/sub/"
-    not_modified = _observe(inproc, "inproc://api/hello.txt",
-                              headers={"If-Modified-Since": later})
+    not_modified = _observe(inproc, "inproc://api/hello.txt", headers={"If-Modified-Since": later})
     assert not_modified[:2] == ("HTTPError", 304)
     assert _observe(inproc, "inproc://api/x", method="DELETE")[:2] == ("HTTPError", 501)
 
@@ -5457,8 +5441,7 @@ def test_diff_wsgi_demo_app(kind_timeout):
     app = wsgiref.validate.validator(wsgiref.simple_server.demo_app)
     with _loopback(app) as base:
         net = _observe(_net_opener(), base + "/demo?x=1")
-        got = _observe(_inproc_opener({"api": app}), "inproc://api/demo?x=1",
-                         timeout=kind_timeout)
+        got = _observe(_inproc_opener({"api": app}), "inproc://api/demo?x=1", timeout=kind_timeout)
     assert got[:3] == net[:3] == ("ok", 200, "OK")
     # the validator's iterator has no len(): neither server adds a Content-Length
     assert got[3] == net[3] == [("content-type", "text/plain; charset=utf-8")]
@@ -5541,8 +5524,7 @@ def test_diff_wsgi_header_value_whitespace_stripped(kind_timeout):
 @pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_diff_raw_non_ascii_url_refused_alike(app_kind, kind_timeout):
     calls = []
-    app = make_app("handler", _route_logic(calls)) if app_kind == "handler" else _environ_app(
-        calls)
+    app = make_app("handler", _route_logic(calls)) if app_kind == "handler" else _environ_app(calls)
     with _loopback(app) as base:
         expected = _error(_net_opener(), base + "/caf\u00e9")
     got = _error(_inproc_opener({"api": app}), "inproc://api/caf\u00e9", timeout=kind_timeout)
@@ -5734,8 +5716,7 @@ def test_diff_security_bad_characters_refused_alike(path, headers, error):
     with _loopback(app) as base:
         expected = _error(_net_opener(), base + path, headers=headers)
     assert expected is error
-    assert _error(_inproc_opener({"api": app}), "inproc://api" + path,
-                  headers=headers) is expected
+    assert _error(_inproc_opener({"api": app}), "inproc://api" + path, headers=headers) is expected
     assert calls == []
 
 
@@ -7070,8 +7051,7 @@ def test_drain_lets_an_in_flight_stream_that_ends_in_time_complete_intact(app_ki
                 release.set()
                 read["rest"] = resp.read()
 
-            count, seconds = _drain_beside(handler, opener, "inproc://app/ping", timeout,
-                                           finish)
+            count, seconds = _drain_beside(handler, opener, "inproc://app/ping", timeout, finish)
         assert read["rest"] == b"second|third"
     assert count == 0
     assert seconds < DRAIN_GENEROUS - 1.0, "drain() waited for its deadline"
@@ -7113,8 +7093,7 @@ def test_drain_returns_once_the_caller_closes_its_stream(app_kind):
     with Bridge(apps) as (opener, handler):
         with contextlib.closing(opener.open("inproc://endless/", timeout=timeout)) as resp:
             assert resp.read(len(FIRST)) == FIRST
-            count, seconds = _drain_beside(handler, opener, "inproc://ping/", timeout,
-                                           resp.close)
+            count, seconds = _drain_beside(handler, opener, "inproc://ping/", timeout, resp.close)
         assert _wait_for(lambda: seen), "the app never learnt its caller left"
     assert count == 0
     assert seconds < DRAIN_GENEROUS - 1.0, "drain() waited for its deadline"
@@ -7492,8 +7471,7 @@ def _request_headers(data):
 
 
 def _inproc_headers(data):
-    return [(name, value) for name, value in _request_headers(data)
-            if name.startswith("inproc-")]
+    return [(name, value) for name, value in _request_headers(data) if name.startswith("inproc-")]
 
 
 def _bridge_opener(handler):
@@ -7611,8 +7589,7 @@ def _through(remote, alter=None, *, key=KEY, source=ib.SOURCE_AGENTS, actor="use
     remote.app = proxy
     with ib.InProcHandler(source=source, actor=actor) as handler:
         handler.mount("api", remote.url + base, key=key)
-        req = urllib.request.Request("inproc://api" + target, method=method,
-                                     headers=headers or {})
+        req = urllib.request.Request("inproc://api" + target, method=method, headers=headers or {})
         try:
             with _bridge_opener(handler).open(req, timeout=WAIT) as resp:
                 return resp.status, resp.read(), seen
@@ -8031,8 +8008,7 @@ def test_trusted_refuses_a_request_missing_a_header(remote, names):
 def test_trusted_refuses_forged_inproc_headers_sent_straight_to_the_server(remote):
     seen = []
     remote.app = ib.trusted(_plain_app(seen), KEY)
-    forged = dict(_FORGED, **{"Inproc-Time": str(int(time.time())),
-                              "Inproc-Signature": "0" * 64})
+    forged = dict(_FORGED, **{"Inproc-Time": str(int(time.time())), "Inproc-Signature": "0" * 64})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with _http_error(401) as info:
         opener.open(urllib.request.Request(remote.url + "/v1/chat?x=1", headers=forged),
@@ -8380,8 +8356,7 @@ def _icpt_open(client, url, timeout=WAIT, opener=None, method="GET", body=None, 
     if client == "http.client":
         parts = urllib.parse.urlsplit(url)  # the host as written: its case, its port
         if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(parts.netloc, timeout=timeout,
-                                               context=_icpt_tls())
+            conn = http.client.HTTPSConnection(parts.netloc, timeout=timeout, context=_icpt_tls())
         else:
             conn = http.client.HTTPConnection(parts.netloc, timeout=timeout)
         try:
@@ -9220,8 +9195,7 @@ def test_intercept_restores_everything_after_the_block(monkeypatch):
         with _icpt_block({server.name: app}) as bridge:
             assert [_icpt_get(c, url, opener=opener) for c in clients] == [b"in-process"] * 3
             inside = urllib.request.build_opener()
-            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1],
-                                              timeout=WAIT)
+            conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=WAIT)
         assert _icpt_unpatched(before) == []
         assert [_icpt_get(c, url, opener=opener) for c in clients] == [b"net"] * 3
         with inside.open(url, timeout=WAIT) as resp:
@@ -9899,8 +9873,7 @@ def test_selftest_piped_to_head_in_a_shell():
     done = subprocess.run(["bash", "-c", script, sys.executable], capture_output=True,
                           text=True, timeout=120, env=_module_env())
     assert done.stderr == ""
-    assert done.stdout.splitlines() == ["inproc_bridge %s self-test" % ib.__version__,
-                                        "status 0"]
+    assert done.stdout.splitlines() == ["inproc_bridge %s self-test" % ib.__version__, "status 0"]
 
 
 # ---------------------------------------------------------------------------
@@ -10356,8 +10329,7 @@ def test_leak_abandoned_burst_returns_to_baseline(app_kind, worker_pool):
         assert live == burst, "%d of %d streams were running at once" % (live, burst)
         assert probe.tallies == {("left", "http.disconnect"): 2 * burst}, probe.tallies
     bound = LEAK_BOUND if app_kind == "asgi" else 256 * 1024
-    assert grown < bound, "memory grew by %d bytes after %d abandoned responses" % (
-        grown, burst)
+    assert grown < bound, "memory grew by %d bytes after %d abandoned responses" % (grown, burst)
 
 
 @pytest.mark.parametrize("app_kind", HEAVY_ON_SYNC_KINDS)
