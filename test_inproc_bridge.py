@@ -3639,8 +3639,7 @@ def test_badinput_wsgi_yields_str_after_first_chunk_raises_on_read(app_kind):
     assert closed.wait(WAIT)
 
 
-def test_badinput_request_body_iterator_failure_reaches_caller(app_kind, kind_timeout,
-                                                               worker_pool):
+def test_badinput_request_body_iterator_failure_reaches_caller(app_kind, kind_timeout, worker_pool):
     """The caller's own error from its body iterator reaches it; the app is
     released (ASGI: told the caller left)."""
     probe = Probe()
@@ -4132,8 +4131,7 @@ def test_asgi_close_cancels_an_app_spinning_on_dropped_body_sends():
     spinner, spin = _dropped_body_spinner(WAIT)
     try:
         with Bridge({"spin": spinner}) as (opener, bridge):
-            with opener.open(urllib.request.Request("inproc://spin/", method="HEAD"),
-                             timeout=WAIT):
+            with opener.open(urllib.request.Request("inproc://spin/", method="HEAD"), timeout=WAIT):
                 assert spin.looping.wait(WAIT)
                 started = time.monotonic()
                 bridge.close()
@@ -4447,8 +4445,7 @@ def test_asgi_request_body_streams_in_several_messages():
         assert messages[0]["body"] == b"first,"
 
         messages.clear()
-        with opener.open("inproc://api/file", data=io.BytesIO(b"y" * 200000),
-                         timeout=WAIT) as resp:
+        with opener.open("inproc://api/file", data=io.BytesIO(b"y" * 200000), timeout=WAIT) as resp:
             assert resp.read() == b"y" * 200000
 
 
@@ -4835,8 +4832,7 @@ def test_fork_child_serves_every_kind_with_and_without_timeout(app_kind, start):
 
         def child(report):
             for child_timeout in timeouts:
-                with opener.open("inproc://app/child", data=payload,
-                                 timeout=child_timeout) as resp:
+                with opener.open("inproc://app/child", data=payload, timeout=child_timeout) as resp:
                     report([child_timeout, resp.status, resp.read().decode()])
 
         reports, code, pid = _forked(start, child)
@@ -5268,8 +5264,7 @@ def test_intercept_redirect_within_bridge_uses_http_rules(route_app):
     make_route, timeout = route_app
     calls = []
     opener = _inproc_opener({"api.internal": make_route(calls)}, intercept_http=True)
-    with opener.open("http://api.internal/go?code=302&to=echo", data=b"q",
-                     timeout=timeout) as resp:
+    with opener.open("http://api.internal/go?code=302&to=echo", data=b"q", timeout=timeout) as resp:
         assert resp.geturl() == "http://api.internal/echo"
         assert json.loads(resp.read())["method"] == "GET"
     with _http_error(302) as info:
@@ -5310,8 +5305,7 @@ def test_intercept_redirect_loop_across_schemes_ends_as_urllib(route_app):
 def test_xmlrpc_round_trip_matches_loopback(kind_timeout):
     with _rpc_server(bind=True) as net_server:
         port = net_server.server_address[1]
-        with xmlrpc.client.ServerProxy("http://127.0.0.1:%d/RPC2" % port,
-                                       allow_none=True) as proxy:
+        with xmlrpc.client.ServerProxy("http://127.0.0.1:%d/RPC2" % port, allow_none=True) as proxy:
             expected = _rpc_session(proxy)
     with _rpc_server(bind=False) as server:
         handler = ib.InProcHandler()
@@ -6684,8 +6678,7 @@ def test_fault_chunk_delay_longer_than_the_timeout_raises_from_read(app_kind):
     pytest.param("cut_after", 0, False, id="cut-0-streamed"),
     pytest.param("reset_after", 30, False, id="reset-30-streamed"),
 ])
-def test_fault_cut_and_reset_never_give_a_clean_short_body(app_kind, fault, count, length,
-                                                           how):
+def test_fault_cut_and_reset_never_give_a_clean_short_body(app_kind, fault, count, length, how):
     """The body breaks off after exactly ``count`` bytes (mid-chunk: the app
     sends 25-byte chunks) with IncompleteRead (cut) or ConnectionResetError
     (reset), whichever way the caller reads."""
@@ -7817,8 +7810,7 @@ def test_remote_mount_counts_as_mounted_for_intercept_http(remote):
     remote.app = ib.trusted(_plain_app(seen), KEY)
     with ib.InProcHandler(source=ib.SOURCE_AGENTS, intercept_http=True) as handler:
         handler.mount("api.internal", remote.url, key=KEY)
-        with _bridge_opener(handler).open("http://api.internal/v1/chat?x=1",
-                                          timeout=WAIT) as resp:
+        with _bridge_opener(handler).open("http://api.internal/v1/chat?x=1", timeout=WAIT) as resp:
             assert resp.read() == b"ok"
     assert [(s["path"], s["query"], s["source"]) for s in seen] == [("/v1/chat", "x=1", "agents")]
 
@@ -8831,8 +8823,7 @@ def test_intercept_timeout_between_chunks_raises_from_read(app_kind, client, sch
 
     opener = urllib.request.build_opener()
     with _icpt_block({_ICPT_HOST: make_app(app_kind, logic)}, network=False):
-        with _icpt_open(client, "%s://%s/" % (scheme, _ICPT_HOST), _ICPT_SHORT,
-                        opener) as resp:
+        with _icpt_open(client, "%s://%s/" % (scheme, _ICPT_HOST), _ICPT_SHORT, opener) as resp:
             assert resp.readline() == b"first\n"
             with pytest.raises(socket.timeout):
                 resp.readline()
@@ -9559,8 +9550,7 @@ def test_intercept_http_client_closed_mid_request_frees_the_app(app_kind):
             done.set()
         return 200, [("Content-Type", "text/plain")], [b"late"]
 
-    with _icpt_block({_ICPT_HOST: make_app(app_kind, logic, stream=True)},
-                     network=False) as bridge:
+    with _icpt_block({_ICPT_HOST: make_app(app_kind, logic, stream=True)}, network=False) as bridge:
         conn = http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)
         conn.putrequest("POST", "/")
         conn.putheader("Content-Length", "100000")
@@ -9576,8 +9566,7 @@ def test_intercept_connection_outliving_its_block_is_reset():
     """A connection made inside a block and used after it: reset, not served
     by the block's closed bridge, not sent to the network."""
     with contextlib.closing(http.client.HTTPConnection(_ICPT_HOST, timeout=WAIT)) as conn:
-        with _icpt_block({_ICPT_HOST: make_app("wsgi-inline", _answer(body=b"ok"))},
-                         network=False):
+        with _icpt_block({_ICPT_HOST: make_app("wsgi-inline", _answer(body=b"ok"))}, network=False):
             conn.request("GET", "/1")
             assert conn.getresponse().read() == b"ok"
         with pytest.raises(ConnectionResetError):
