@@ -898,8 +898,6 @@ def _route(method, path, query, body, get):
     return "404 Not Found", text, b"nothing at " + path.encode("latin-1")
 
 
-
-
 def _route_logic(calls):
     """``_route`` as logic for make_app(); ``calls`` records (method, path,
     query, body) per request."""
@@ -1636,8 +1634,6 @@ def _dropped_body_spinner(give_up):
     return spinner, state
 
 
-
-
 # ---------------------------------------------------------------------------
 # Randomized faults
 # ---------------------------------------------------------------------------
@@ -2136,8 +2132,6 @@ def _forked(start, child):
             select.select([], [], [], 0.01)  # bounded poll for the child's exit
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
     return [json.loads(line) for line in data.decode().splitlines()], code, pid
-
-
 
 
 def _body_app(kind, serve):
@@ -2847,7 +2841,6 @@ def test_context_helpers_outside_a_request():
     assert ib.current_actor() is None
     with pytest.raises(RuntimeError):
         ib.cancelled()
-
 
 
 # ---------------------------------------------------------------------------
@@ -5742,7 +5735,6 @@ def test_security_source_header_cannot_forge_source(app_kind, kind_timeout):
             resp.read()
     assert seen[-1] == ("billing-job", None, tags("billing-job", None), "forged", "f")
     assert isinstance(seen[-1][0], ib.Source)
-
 
 
 # ---------------------------------------------------------------------------
