@@ -846,8 +846,7 @@ def _digest_ok(authorization, method, path):
         return False
     return (fields["username"] == _USER and fields.get("realm") == _REALM
             and fields["nonce"] == _NONCE and fields.get("opaque") == _OPAQUE
-            and fields["qop"] == "auth" and fields["uri"] == path
-            and fields["response"] == expect)
+            and fields["qop"] == "auth" and fields["uri"] == path and fields["response"] == expect)
 
 
 def _route(method, path, query, body, get):
@@ -2011,8 +2010,7 @@ def _request_case(seed):
         pieces=pieces, expected=expected, shape=shape,
         declare_length=shape != "bytes" and rng.random() < 0.3,
         body_fault=body_fault, app_fault=app_fault,
-        reads=[rng.choice(READ_SIZES) for _ in range(3)],
-        readline=rng.random() < 0.3)
+        reads=[rng.choice(READ_SIZES) for _ in range(3)], readline=rng.random() < 0.3)
 
 
 def _request_data(case):
@@ -2679,8 +2677,7 @@ def _opener_shape(opener):
             {k: chain(v) for k, v in opener.handle_open.items()},
             {k: {code: chain(v) for code, v in d.items()} for k, d in opener.handle_error.items()},
             {k: chain(v) for k, v in opener.process_request.items()},
-            {k: chain(v) for k, v in opener.process_response.items()},
-            opener.addheaders)
+            {k: chain(v) for k, v in opener.process_response.items()}, opener.addheaders)
 
 
 def _opener_chains(opener):
@@ -5209,13 +5206,11 @@ def test_intercept_handler_class_sees_host_it_was_called_with():
 def test_intercept_other_hosts_and_ports_fall_through(kind_timeout):
     calls, fell = [], []
     opener = _intercept_opener(
-        {"api.internal": _environ_app(calls), "ported.internal:8080": _environ_app(calls)},
-        fell)
+        {"api.internal": _environ_app(calls), "ported.internal:8080": _environ_app(calls)}, fell)
     misses = ["http://api.internal:8080/", "https://api.internal:80/", "http://api.internal:443/",
               "http://api.internal.evil.com/", "http://evil.com/api.internal",
               "http://api.internal@evil.com/", "https://xapi.internal/",
-              "http://ported.internal/", "http://ported.internal:80/",
-              "https://ported.internal/"]
+              "http://ported.internal/", "http://ported.internal:80/", "https://ported.internal/"]
     for url in misses:
         with pytest.raises(urllib.error.URLError) as info, opener.open(url, timeout=kind_timeout):
             pass
@@ -5479,8 +5474,7 @@ def test_diff_wsgi_framing_and_errors(kind_timeout, caplog):
     # wsgiref sends its headers on the first (empty) chunk, against PEP 3333;
     # the bridge waits for the iterable to end and sends a Content-Length of 0
     assert _observe(opener, "inproc://api/empty-chunks", timeout=kind_timeout)[3:5] == (
-        [("content-type", "text/plain"), ("x-path", "/empty-chunks"), ("content-length", "0")],
-        b"")
+        [("content-type", "text/plain"), ("x-path", "/empty-chunks"), ("content-length", "0")], b"")
     boom = _observe(opener, "inproc://api/boom", timeout=kind_timeout)
     assert boom[:3] == ("HTTPError", 500, "Internal Server Error")
 
@@ -8273,8 +8267,7 @@ def _icpt_resolve(dotted):
 def _icpt_snapshot(watched):
     """{(owner, attribute): value} of every attribute of each watched owner."""
     return {(dotted, name): value for dotted in watched
-            for name, value in vars(_icpt_resolve(dotted)).items()
-            if name != "__warningregistry__"}
+            for name, value in vars(_icpt_resolve(dotted)).items() if name != "__warningregistry__"}
 
 
 def _icpt_changes(before, after):
