@@ -2945,10 +2945,7 @@ def test_response_header_values_match_loopback(app_kind):
     # tabs in values: those kinds go without the tab cases (see the wsgiref test for them).
     tabs = [] if app_kind.startswith("wsgi") else _TAB_HEADERS
     headers = [("Content-Type", "text/plain"), *_TRICKY_HEADERS, *tabs, ("Content-Length", "2")]
-
-    def logic(req):
-        return 200, headers, [b"ok"]
-
+    logic = _answer(200, headers, b"ok")
     with _loopback(make_app("handler", logic)) as base:
         wire = _seen(_jar_opener(), base + "/h")
     with serve_kind(app_kind, logic) as (opener, timeout):
@@ -4591,10 +4588,8 @@ def test_request_body_left_unread_is_not_pulled_after_open_returned(app_kind):
             pulls.append((threading.get_ident(), next(clock)))
             yield bytes([n]) * 65536
 
-    def serve(path, read):
-        return b"answered without reading"
-
-    bridge = ib.InProcHandler({"app": _body_app(app_kind, serve)})
+    bridge = ib.InProcHandler({"app": _body_app(app_kind,
+                                                lambda path, read: b"answered without reading")})
     opener = urllib.request.build_opener(bridge)
 
     def call():
@@ -8613,12 +8608,10 @@ def test_intercept_streams_the_response_incrementally(app_kind, client, scheme):
     """The first chunk reaches the caller while the app still waits for the
     caller to have read it: the response is not buffered."""
     gate, waited = threading.Event(), []
-
-    def logic(req):
-        return 200, [("Content-Type", "text/event-stream")], _held_stream(gate, waited)
-
+    app = make_app(app_kind, lambda req: (
+        200, [("Content-Type", "text/event-stream")], _held_stream(gate, waited)))
     opener = urllib.request.build_opener()
-    with _icpt_block({_ICPT_HOST: make_app(app_kind, logic)}):
+    with _icpt_block({_ICPT_HOST: app}):
         with _icpt_open(client, "%s://%s/stream" % (scheme, _ICPT_HOST),
                         KIND_TIMEOUT[app_kind], opener) as resp:
             assert resp.status == 200
@@ -10311,11 +10304,7 @@ def test_leak_sequential_requests_return_to_baseline(app_kind, worker_pool):
     count = 2000 if app_kind == "asgi" else 5000
     probe = Probe()
     parts = [b"alpha|", b"beta|" * 20, b"gamma"]
-
-    def body(target):
-        return parts
-
-    bridge = Bridge({"api": make_app(app_kind, _streamed(body), probe)})
+    bridge = Bridge({"api": make_app(app_kind, _streamed(lambda target: parts), probe)})
     timeout = 5 if app_kind == "asgi" else _timeout_for(app_kind)
     expected = b"".join(parts)
 
@@ -10356,12 +10345,9 @@ def test_leak_sequential_requests_return_to_baseline(app_kind, worker_pool):
 def test_memory_slow_reader_bounds_streamed_response(app_kind, worker_pool):
     probe = Probe()
     sent = {}
-
-    def body(target):
-        return _counted_chunks(sent)
-
     timeout = 5 if app_kind == "asgi" else _timeout_for(app_kind)
-    with Bridge({"api": make_app(app_kind, _streamed(body), probe)}) as bridge:
+    app = make_app(app_kind, _streamed(lambda target: _counted_chunks(sent)), probe)
+    with Bridge({"api": app}) as bridge:
         start = time.monotonic()
         size, crc, peak = _call(lambda: _slow_read_peak(bridge.opener, timeout), timeout=120)
         elapsed = time.monotonic() - start
