@@ -3712,8 +3712,7 @@ def test_badinput_app_base_exception_is_contained(app_kind, exc_type, when, capl
 @pytest.mark.parametrize("app_kind", ["wsgi-inline", "wsgi-worker"])
 def test_wsgi_result_failing_before_the_head_is_a_logged_500(app_kind, failure, raised, caplog):
     closes, closed = [], threading.Event()
-    opener = urllib.request.build_opener(
-        ib.InProcHandler({"app": _result_app(failure, closes, closed)}))
+    opener = _opener({"app": _result_app(failure, closes, closed)})
 
     def errors():
         return [r for r in caplog.records
@@ -3737,8 +3736,7 @@ def test_wsgi_result_failing_before_the_head_is_a_logged_500(app_kind, failure, 
 @pytest.mark.parametrize("app_kind", ["wsgi-inline", "wsgi-worker"])
 def test_wsgi_result_len_not_an_int_means_no_length(app_kind, failure, caplog):
     closes, closed = [], threading.Event()
-    opener = urllib.request.build_opener(
-        ib.InProcHandler({"app": _result_app(failure, closes, closed)}))
+    opener = _opener({"app": _result_app(failure, closes, closed)})
     with caplog.at_level(logging.WARNING, logger="inproc_bridge"):
         with opener.open("inproc://app/", timeout=KIND_TIMEOUT[app_kind]) as resp:
             status, length, body = resp.status, resp.getheader("Content-Length"), resp.read()
@@ -3765,8 +3763,7 @@ def test_wsgi_result_len_failure_answers_as_wsgiref(app_kind, failure):
         assert real_closed.wait(WAIT)
 
     closes, closed = [], threading.Event()
-    opener = urllib.request.build_opener(
-        ib.InProcHandler({"app": _result_app(failure, closes, closed)}))
+    opener = _opener({"app": _result_app(failure, closes, closed)})
     ours = fetch(opener, "inproc://app/", KIND_TIMEOUT[app_kind])
     assert closed.wait(WAIT)
     assert ours == real
@@ -3782,8 +3779,7 @@ def test_wsgi_result_len_failure_answers_as_wsgiref(app_kind, failure):
 def test_wsgi_result_close_attribute_failing_is_logged_not_raised(app_kind, failure, answer,
                                                                   caplog):
     closes, closed = [], threading.Event()
-    opener = urllib.request.build_opener(
-        ib.InProcHandler({"app": _result_app(failure, closes, closed, _BadCloseResult)}))
+    opener = _opener({"app": _result_app(failure, closes, closed, _BadCloseResult)})
 
     def close_errors():
         return [r for r in caplog.records if r.name == "inproc_bridge"
