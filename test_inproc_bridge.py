@@ -3083,8 +3083,7 @@ def test_stream_wfile_write_returns_byte_count():
 
 
 def test_asgi_backpressure_holds_a_fast_app_back():
-    record = {}
-    done = threading.Event()
+    record, done = {}, threading.Event()
 
     async def fast(scope, receive, send):
         assert scope["type"] == "http"
@@ -3521,8 +3520,7 @@ def test_badinput_handler_writes_after_response_complete(framing, worker_pool):
 
 @pytest.mark.parametrize("app_kind", WSGI_KINDS)
 def test_badinput_wsgi_write_after_response_complete(app_kind, worker_pool):
-    probe = Probe()
-    holder = {}
+    probe, holder = Probe(), {}
 
     def app(environ, start_response):
         holder["write"] = start_response("200 OK", [("Content-Type", "text/plain")])
@@ -3994,9 +3992,7 @@ def test_unclosed_response_warns_and_releases_the_app():
 
 
 def test_asgi_timeout_between_chunks():
-    baton = Baton()
-    record = {}
-    done = threading.Event()
+    baton, record, done = Baton(), {}, threading.Event()
 
     async def stalls(scope, receive, send):
         assert scope["type"] == "http"
@@ -4016,8 +4012,7 @@ def test_asgi_timeout_between_chunks():
 
 
 def test_asgi_disconnect_once_the_response_is_complete():
-    record = {}
-    done = threading.Event()
+    record, done = {}, threading.Event()
 
     async def app(scope, receive, send):
         assert scope["type"] == "http"
@@ -4037,9 +4032,7 @@ def test_asgi_disconnect_once_the_response_is_complete():
 def test_asgi_send_raises_after_caller_left_though_no_body_is_sent(method, status):
     # An SSE app answering HEAD (or 204, 304, 1xx) used to stream every event into the
     # void: the body is dropped, and so was the news that the caller left.
-    baton = Baton()
-    streaming = threading.Event()
-    done = threading.Event()
+    baton, streaming, done = Baton(), threading.Event(), threading.Event()
     record = {"before": 0, "after": 0}
 
     async def sse(scope, receive, send):
@@ -4128,8 +4121,7 @@ def test_asgi_close_cancels_an_app_spinning_on_dropped_body_sends():
 
 @pytest.mark.parametrize("how", ["close", "timeout"])
 def test_asgi_every_task_waiting_in_receive_gets_disconnect(how):
-    done = threading.Event()
-    record = {}
+    done, record = threading.Event(), {}
 
     async def app(scope, receive, send):
         if scope["type"] != "http":
@@ -4167,9 +4159,7 @@ def test_asgi_every_task_waiting_in_receive_gets_disconnect(how):
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 def test_asgi_after_a_timeout_before_the_head_send_raises_and_receive_disconnects(method):
-    baton = Baton()
-    done = threading.Event()
-    record = {}
+    baton, done, record = Baton(), threading.Event(), {}
 
     async def slow(scope, receive, send):
         if scope["type"] != "http":
@@ -4235,8 +4225,7 @@ def test_the_callers_request_object_is_untouched_by_the_app():
 
 
 def test_handler_life_cycle_is_the_real_one():
-    server = object()
-    seen = {}
+    server, seen = object(), {}
 
     class Custom(QuietHandler):
         protocol_version = "HTTP/1.1"
@@ -4397,8 +4386,7 @@ def test_request_iterable_body_reaches_wsgi_app_without_length(kind_timeout):
 
 
 def test_asgi_request_body_streams_in_several_messages():
-    got_first = threading.Event()
-    messages = []
+    got_first, messages = threading.Event(), []
 
     async def echo(scope, receive, send):
         assert scope["type"] == "http"
@@ -4723,9 +4711,7 @@ def test_nested_calls_from_inside_an_app(app_kind, kind_timeout):
 
 def test_asgi_concurrent_requests_share_the_loop():
     n = 12
-    threads_seen = set()
-    arrived = []
-    all_in = {}
+    threads_seen, arrived, all_in = set(), [], {}
 
     async def app(scope, receive, send):
         assert scope["type"] == "http"
@@ -5213,8 +5199,7 @@ def test_intercept_other_hosts_and_ports_fall_through(kind_timeout):
 
 
 def test_intercept_off_by_default():
-    fell = []
-    calls = []
+    fell, calls = [], []
     opener = _inproc_opener({"api.internal": _environ_app(calls)}, FallThroughHTTP(fell))
     with pytest.raises(urllib.error.URLError):
         opener.open("http://api.internal/")
@@ -5901,8 +5886,7 @@ def test_asgi_close_stops_the_loop_thread():
 
 
 def test_asgi_close_drops_requests_in_flight():
-    record = {}
-    started = threading.Event()
+    record, started = {}, threading.Event()
 
     async def endless(scope, receive, send):
         assert scope["type"] == "http"
@@ -9510,8 +9494,7 @@ def test_intercept_http_client_cut_from_a_handler_raises(framing):
 def test_intercept_http_client_closed_mid_request_frees_the_app(app_kind):
     """A client that closes its connection halfway through a body: the app's
     read fails (as over TCP), and nothing is left in flight."""
-    read = {}
-    done = threading.Event()
+    read, done = {}, threading.Event()
 
     def logic(req):
         try:
@@ -10339,8 +10322,7 @@ def test_leak_sequential_requests_return_to_baseline(app_kind, worker_pool):
 
 @pytest.mark.heavy
 def test_memory_slow_reader_bounds_streamed_response(app_kind, worker_pool):
-    probe = Probe()
-    sent = {}
+    probe, sent = Probe(), {}
     timeout = 5 if app_kind == "asgi" else _timeout_for(app_kind)
     app = make_app(app_kind, _streamed(lambda target: _counted_chunks(sent)), probe)
     with Bridge({"api": app}) as bridge:
@@ -10414,9 +10396,7 @@ def test_load_simultaneous_streams(app_kind, worker_pool):
     gets exactly its bytes, all ran at once, nothing is left running."""
     asgi = app_kind == "asgi"
     streams, readers = (500 if asgi else 1000), 8
-    probe = Probe()
-    release = threading.Event()
-    gate = Baton()
+    probe, release, gate = Probe(), threading.Event(), Baton()
     if asgi:
 
         @_probed(probe)
@@ -10506,8 +10486,7 @@ def test_load_simultaneous_streams(app_kind, worker_pool):
 @pytest.mark.parametrize("app_kind", SYNC_KINDS)
 def test_load_nested_calls_do_not_deadlock(app_kind, worker_pool):
     depth, threads = 20, 8
-    probe = Probe()
-    holder = {}
+    probe, holder = Probe(), {}
     timeout = _timeout_for(app_kind)
 
     def answer(target):
