@@ -4244,16 +4244,11 @@ def test_handler_life_cycle_is_the_real_one():
 
         def do_PUT(self):
             seen.update(
-                server=self.server,
-                client=self.client_address,
-                same_socket=self.request is self.connection,
-                command=self.command,
-                path=self.path,
-                version=self.request_version,
-                host=self.headers["Host"],
+                server=self.server, client=self.client_address,
+                same_socket=self.request is self.connection, command=self.command,
+                path=self.path, version=self.request_version, host=self.headers["Host"],
                 agent=self.headers["User-Agent"],
-                body=self.rfile.read(int(self.headers["Content-Length"])),
-            )
+                body=self.rfile.read(int(self.headers["Content-Length"])))
             _respond(self, 201, b"made")
 
     handler = ib.InProcHandler()
