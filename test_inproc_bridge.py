@@ -747,6 +747,15 @@ def _headers(msg):
     return [(k.lower(), v) for k, v in msg.items() if k.lower() not in ("date", "server")]
 
 
+def _open_any(opener, url, timeout=WAIT, data=None):
+    """The response to ``url`` (a URL or a Request), or the HTTPError that
+    stands for it: either is a response to read and close."""
+    try:
+        return opener.open(url, data=data, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        return err
+
+
 def _observe(opener, url, timeout=WAIT, **req_kw):
     """What urllib shows for one request: a comparable tuple (closes all)."""
     req = urllib.request.Request(url, **req_kw)
@@ -1205,9 +1214,10 @@ def _rpc_server(bind):
 
 
 @contextlib.contextmanager
-def _serving(server):
+def _serving(server, **thread_args):
     """``server`` serving in a thread; shut down, closed and joined afterwards."""
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01},
+                              **thread_args)
     thread.start()
     try:
         yield server
@@ -1374,13 +1384,26 @@ def _counted_chunks(sent, total=BIG):
     sent["size"], sent["crc"] = size, crc
 
 
-def _slow_read_peak(opener, timeout):
-    """Read inproc://api/big slowly (yielding after every piece) under
-    tracemalloc: (bytes read, their crc32, peak bytes held beyond the start)."""
+def _traced(work, *, peak=False):
+    """``work()`` under tracemalloc, started after a collection: its result and
+    the bytes allocated since the start -- still held after a second
+    collection, or with ``peak`` the most held at once."""
     gc.collect()
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
+        result = work()
+        if not peak:
+            gc.collect()
+        return result, tracemalloc.get_traced_memory()[1 if peak else 0] - base
+    finally:
+        tracemalloc.stop()
+
+
+def _slow_read_peak(opener, timeout):
+    """Read inproc://api/big slowly (yielding after every piece) under
+    tracemalloc: (bytes read, their crc32, peak bytes held beyond the start)."""
+    def read():
         crc = size = 0
         with opener.open("inproc://api/big", timeout=timeout) as resp:
             while True:
@@ -1390,9 +1413,10 @@ def _slow_read_peak(opener, timeout):
                 crc = zlib.crc32(data, crc)
                 size += len(data)
                 time.sleep(0)  # a slow reader: it yields after every piece
-        return size, crc, tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+        return size, crc
+
+    (size, crc), peak = _traced(read, peak=True)
+    return size, crc, peak
 
 
 class Tally:
@@ -2287,11 +2311,7 @@ def _jar_opener(*handlers):
 def _seen(opener, url, timeout=WAIT, **req_kw):
     """What a caller sees of one response (an HTTPError's included), as a comparable dict;
     closes it.  ``cookies``: what the opener's CookieJar holds afterwards."""
-    try:
-        resp = opener.open(urllib.request.Request(url, **req_kw), timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        resp = exc
-    with resp:
+    with _open_any(opener, urllib.request.Request(url, **req_kw), timeout) as resp:
         msg = resp.headers
         real = getattr(resp, "fp", resp) if isinstance(resp, urllib.error.HTTPError) else resp
         names = sorted({name.lower() for name, _ in msg.items()})
@@ -3748,11 +3768,7 @@ def test_wsgi_result_len_not_an_int_means_no_length(app_kind, failure, caplog):
 @pytest.mark.parametrize("app_kind", ["wsgi-inline", "wsgi-worker"])
 def test_wsgi_result_len_failure_answers_as_wsgiref(app_kind, failure):
     def fetch(opener, url, timeout):
-        try:
-            resp = opener.open(url, timeout=timeout)
-        except urllib.error.HTTPError as err:
-            resp = err
-        with resp:
+        with _open_any(opener, url, timeout) as resp:
             return resp.status, resp.reason, resp.headers.get("Content-Type"), resp.read()
 
     real_closes, real_closed = [], threading.Event()
@@ -3785,11 +3801,7 @@ def test_wsgi_result_close_attribute_failing_is_logged_not_raised(app_kind, fail
                 and str(r.exc_info[1]) == "the close attribute failed"]
 
     with caplog.at_level(logging.ERROR, logger="inproc_bridge"):
-        try:
-            resp = opener.open("inproc://app/", timeout=KIND_TIMEOUT[app_kind])
-        except urllib.error.HTTPError as err:
-            resp = err
-        with resp:
+        with _open_any(opener, "inproc://app/", KIND_TIMEOUT[app_kind]) as resp:
             got = resp.status, resp.read()
         assert closed.wait(WAIT)
         assert _wait_for(close_errors)
@@ -6474,11 +6486,7 @@ def test_record_changes_nothing_the_caller_or_the_app_sees(app_kind):
             for url, data in (("inproc://api/a?q=1", None), ("inproc://api/b", b"bytes body"),
                               ("inproc://api/c", iter([b"it", b"er", b"able"])),
                               ("inproc://api/missing", None)):
-                try:
-                    resp = opener.open(url, data=data, timeout=timeout)
-                except urllib.error.HTTPError as err:
-                    resp = err
-                with resp:
+                with _open_any(opener, url, timeout, data) as resp:
                     caller_saw.append((resp.getcode(), resp.reason, [
                         (n, v) for n, v in resp.headers.items() if n.lower() != "date"],
                         resp.read()))
@@ -7285,17 +7293,9 @@ def _wsgiref_remote():
     server = wsgiref.simple_server.make_server(
         "127.0.0.1", 0, remote.wsgi, server_class=_ThreadingWSGIServer,
         handler_class=_QuietWSGIHandler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01},
-                              name="wsgiref-remote", daemon=True)
-    thread.start()
     remote.url = "http://127.0.0.1:%d" % server.server_address[1]
-    try:
+    with _serving(server, name="wsgiref-remote", daemon=True):
         yield remote
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(WAIT)
-    assert not thread.is_alive(), "the wsgiref server did not stop"
 
 
 @contextlib.contextmanager
@@ -7480,11 +7480,7 @@ def _tags_recorded(kind, app, seen):
 
 def _final_url(opener, url, timeout):
     """geturl() of the response (or the HTTPError) ``url`` gets."""
-    try:
-        resp = opener.open(url, timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        resp = exc
-    with resp:
+    with _open_any(opener, url, timeout) as resp:
         resp.read()
         return resp.geturl()
 
@@ -10247,18 +10243,16 @@ def test_leak_abandoned_burst_returns_to_baseline(app_kind, worker_pool):
             warm = 5
         assert probe.wait_finished(warm)
         assert _drain_workers()
-        gc.collect()
-        tracemalloc.start()
-        try:
-            base = tracemalloc.get_traced_memory()[0]
+
+        def measured():
             live, left = abandon_burst()
             assert probe.wait_finished(warm + burst), "%d of %d apps released" % (
                 probe.finished - warm, burst)
             assert _drain_workers()
-            gc.collect()
-            return live, left, tracemalloc.get_traced_memory()[0] - base
-        finally:
-            tracemalloc.stop()
+            return live, left
+
+        (live, left), grown = _traced(measured)
+        return live, left, grown
 
     with bridge:
         live, left, grown = _call(run, timeout=60)
@@ -10290,19 +10284,15 @@ def test_leak_sequential_requests_return_to_baseline(app_kind, worker_pool):
         for _ in range(50):
             one()
         assert _tasks_drained(probe) == 0
-        gc.collect()
-        tracemalloc.start()
-        try:
-            base = tracemalloc.get_traced_memory()[0]
+
+        def measured():
             for _ in range(count):
                 one()
             assert probe.wait_finished(50 + count)
             assert _drain_workers()
-            left = _tasks_drained(probe)
-            gc.collect()
-            return left, tracemalloc.get_traced_memory()[0] - base
-        finally:
-            tracemalloc.stop()
+            return _tasks_drained(probe)
+
+        return _traced(measured)
 
     start = time.monotonic()
     with bridge:
@@ -10356,17 +10346,13 @@ def test_memory_slow_app_bounds_request_body(app_kind, worker_pool):
     sent = {}
 
     def run():
-        gc.collect()
-        tracemalloc.start()
-        try:
-            base = tracemalloc.get_traced_memory()[0]
+        def upload():
             req = urllib.request.Request("inproc://api/upload", data=_counted_chunks(sent),
                                          method="POST")
             with bridge.opener.open(req, timeout=timeout) as resp:
-                answer = resp.read()
-            return answer, tracemalloc.get_traced_memory()[1] - base
-        finally:
-            tracemalloc.stop()
+                return resp.read()
+
+        return _traced(upload, peak=True)
 
     start = time.monotonic()
     with bridge:
