@@ -4459,7 +4459,10 @@ class Call:
         self.status, self.reason, headers = head
         self.response_headers = list(headers)
         if self.method == "HEAD" or self.status in (204, 304) or self.status < 200:
+            # No body, whatever Content-Length says (a HEAD or 304 answer
+            # declares the body a GET would get): all of it is the head.
             self._length = 0
+            return
         for name, value in headers:
             if name.lower() == "content-length" and value.strip().isdigit():
                 self._length = int(value)

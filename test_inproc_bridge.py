@@ -6368,6 +6368,28 @@ def test_record_httperror_response(app_kind):
     assert call.response_body == b"nope"
 
 
+def test_record_head_answer_with_a_content_length_is_complete(app_kind):
+    """A HEAD answer declares the length of a body it never has: read and closed,
+    the call is "complete" on every path, also while the app still runs."""
+    closed = threading.Event()
+
+    def logic(req):
+        def chunks():
+            yield b"hello"
+            closed.wait(WAIT)  # still running once its caller has all a HEAD answer has
+
+        return 200, [("Content-Type", "text/plain"), ("Content-Length", "5")], chunks()
+
+    with _served(app_kind, logic, record=True) as (opener, bridge, timeout):
+        try:
+            req = urllib.request.Request("inproc://api/", method="HEAD")
+            with opener.open(req, timeout=timeout) as resp:
+                assert (resp.getheader("Content-Length"), resp.read()) == ("5", b"")
+            assert _settled(bridge.calls.last) == "complete"
+        finally:
+            closed.set()
+
+
 def test_record_factory_collects_every_openers_calls(app_kind):
     """factory.calls holds the calls of all its openers, each with the source
     and actor its opener_for() gave."""
