@@ -929,6 +929,10 @@ class _Exchange:
             declared = str(len(first))
             headers.append(("Content-Length", declared))
         self.declared = declared
+        if self.method == "HEAD":
+            # The body a HEAD answer declares never goes (a server drops
+            # it): neither the journal nor a Fault may count it as sent.
+            first = b""
         if not dated:
             headers.append(("Date", _http_date()))
         head = (code, reason, headers)
@@ -1973,7 +1977,8 @@ class _WSGICall:
             # the next pull.
             self.pending.append(data)
         elif exchange.state != _WAITING:
-            exchange.forward(data)
+            if exchange.method != "HEAD":  # (a HEAD answer's body never goes)
+                exchange.forward(data)
         elif data:
             status = self.status
             exchange.respond(int(status[:3]), status[4:], self.headers, data)

@@ -6732,6 +6732,21 @@ def test_fault_with_record_gives_the_outcome(app_kind, fault, outcome):
         assert call.status == 200
 
 
+@pytest.mark.parametrize("fault", ["cut_after", "reset_after"])
+def test_fault_on_the_body_leaves_a_head_answer_alone(app_kind, fault):
+    """A HEAD answer has no body for a cut or reset to act on (the app's body,
+    which a server drops, does not count): read() is b"", the call "complete",
+    its response_body empty."""
+    with _served(app_kind, _body_logic(_lines(5)), fault=ib.Fault(**{fault: 15}),
+                 record=True) as (opener, bridge, timeout):
+        req = urllib.request.Request("inproc://api/", method="HEAD")
+        with opener.open(req, timeout=timeout) as resp:
+            assert (resp.status, resp.read()) == (200, b"")
+        call = bridge.calls.last
+        assert _settled(call) == "complete"
+    assert call.response_body == b""
+
+
 def test_fault_remount_without_fault_clears_it(app_kind):
     app = make_app(app_kind, _body_logic(b"app"))
     timeout = KIND_TIMEOUT[app_kind]
