@@ -1664,6 +1664,15 @@ class _HandlerRun:
             self.inbound.close_writer()
         self.launch()
 
+    def response_file(self) -> io.RawIOBase:
+        """The caller's end of the response -- for urllib's connection and
+        for an intercepted http.client one alike, so a Fault's delay holds
+        the head on both."""
+        raw: io.RawIOBase = self.exchange.pipe  # type: ignore[assignment]
+        if self.exchange.fault is not None and self.exchange.fault.fault.delay:
+            raw = _HeldHead(raw, self.exchange, self.timeout)
+        return raw
+
     def abort(self) -> None:
         """The request failed before a response object took the pipe."""
         if self.inbound is not None:
@@ -1721,10 +1730,7 @@ class _ClientSocket:
         # http.client asks for the response file once the request is sent.
         run = self._run
         run.end_request()
-        raw: io.RawIOBase = run.exchange.pipe  # type: ignore[assignment]
-        if run.exchange.fault is not None and run.exchange.fault.fault.delay:
-            raw = _HeldHead(raw, run.exchange, run.timeout)
-        self._file = io.BufferedReader(raw)
+        self._file = io.BufferedReader(run.response_file())
         return self._file
 
     def settimeout(self, timeout: Optional[float]) -> None:
@@ -4304,7 +4310,7 @@ class _InterceptSocket:
             return io.BufferedReader(_Failing(answer))
         if isinstance(answer, _HandlerRun):
             answer.end_request()
-            return io.BufferedReader(answer.exchange.pipe)  # type: ignore[arg-type]
+            return io.BufferedReader(answer.response_file())
         return io.BufferedReader(_Rendered(answer, method))
 
     def settimeout(self, timeout: Optional[float]) -> None:

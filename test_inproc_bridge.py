@@ -8796,6 +8796,29 @@ def test_intercept_timeout_before_the_head_raises_socket_timeout(app_kind, clien
 
 
 @pytest.mark.parametrize("app_kind", TIMED_KINDS)
+@pytest.mark.parametrize("client", ["http.client", "urlopen"])
+def test_intercept_fault_delay_longer_than_the_timeout_raises_socket_timeout(app_kind, client):
+    """A Fault's delay holds the head on every path of a block, http.client to a
+    handler class included: past the caller's timeout, socket.timeout, and the
+    app sees cancelled()."""
+    state = {}
+
+    def logic(req):
+        state["cancelled"] = ib.cancelled()
+        return 200, [("Content-Type", "text/plain"), ("Content-Length", "2")], [b"ok"]
+
+    with _icpt_block({}, network=False) as bridge:
+        bridge.mount(_ICPT_HOST, make_app(app_kind, logic), fault=ib.Fault(delay=WAIT))
+        started = time.monotonic()
+        with pytest.raises(socket.timeout) as info:
+            _icpt_get(client, "http://api.internal/slow", timeout=_ICPT_SHORT)
+        assert not isinstance(info.value, urllib.error.URLError)
+        assert time.monotonic() - started < WAIT / 2
+        assert _wait_for(lambda: "cancelled" in state)
+        assert state["cancelled"].wait(WAIT), "the app was not told its caller is gone"
+
+
+@pytest.mark.parametrize("app_kind", TIMED_KINDS)
 @pytest.mark.parametrize(("client", "scheme"), _ICPT_PATHS)
 def test_intercept_timeout_between_chunks_raises_from_read(app_kind, client, scheme):
     state = {}
