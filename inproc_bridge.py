@@ -4658,7 +4658,13 @@ def trusted(app: Any, key: bytes, max_age: float = 300) -> Any:
         raise ValueError("trusted(max_age=...) wants seconds > 0, not %r" % (max_age,))
     if not callable(app):
         raise TypeError("trusted() wants a WSGI or ASGI app, not %r" % (app,))
-    return (_TrustedASGI if _is_asgi(app) else _TrustedWSGI)(app, key, max_age)
+    if not _is_asgi(app):
+        return _TrustedWSGI(app, key, max_age)
+    if isinstance(app, ASGIApp) and not app.lifespan:
+        # The mark stays outside: a bridge must not start a lifespan the
+        # app was marked as not speaking.
+        return ASGIApp(_TrustedASGI(app, key, max_age), lifespan=False)
+    return _TrustedASGI(app, key, max_age)
 
 
 def _tags(key: bytes, max_age: float, method: str, target: str,

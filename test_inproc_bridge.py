@@ -8085,6 +8085,24 @@ def test_trusted_app_served_in_process_behaves_as_the_app_itself(app_kind):
     assert ("scope" if app_kind == "asgi" else "environ", "agents", actor) in seen[_guarded]
 
 
+@pytest.mark.parametrize("wrap", ["as is", "trusted"])
+def test_trusted_asgi_app_marked_lifespan_false_gets_no_lifespan_in_process(wrap):
+    """trusted(ASGIApp(app, lifespan=False)) is served as ASGIApp(app,
+    lifespan=False) is: the app, which does not speak lifespan, sees only
+    its requests."""
+    scopes, inner = [], _asgi_app()
+
+    async def app(scope, receive, send):
+        scopes.append(scope["type"])
+        await inner(scope, receive, send)
+
+    marked = ib.ASGIApp(app, lifespan=False)
+    with Bridge({"api": marked if wrap == "as is" else ib.trusted(marked, KEY)}) as (opener, _):
+        with opener.open("inproc://api/", timeout=WAIT) as resp:
+            assert resp.read() == b"ok"
+    assert scopes == ["http"]
+
+
 @pytest.mark.parametrize("app_kind", [*WSGI_KINDS, "asgi"])
 def test_trusted_app_in_process_keeps_the_bridges_tags_against_caller_set_headers(app_kind):
     seen = []
