@@ -4644,7 +4644,8 @@ def trusted(app: Any, key: bytes, max_age: float = 300) -> Any:
     """Wrap a WSGI or ASGI ``app`` for the server it moved to behind a
     remote mount (``mount(name, url, key=key)``): a request whose
     ``Inproc-*`` signature is missing, wrong or older than ``max_age``
-    seconds gets ``401`` without reaching the app; a good one reaches it
+    seconds gets ``401`` without reaching the app (an ASGI WebSocket
+    handshake too, refused before it is accepted); a good one reaches it
     with ``current_source()``, ``current_actor()``, ``environ["inproc.*"]``
     and the ASGI scope's ``inproc`` extension set as in-process, and without
     the ``Inproc-*`` headers.  Served in-process, it is the app itself."""
@@ -4739,7 +4740,10 @@ class _TrustedASGI:
 
     async def __call__(self, scope: Dict[str, Any], receive: Callable[..., Any],
                        send: Callable[..., Any]) -> None:
-        if scope.get("type") != "http" or "inproc" in (scope.get("extensions") or {}):
+        kind = scope.get("type")
+        extensions = scope.get("extensions") or {}
+        # A WebSocket handshake is a request too: checked as one (a GET).
+        if kind not in ("http", "websocket") or "inproc" in extensions:
             await self.app(scope, receive, send)  # lifespan; or served in-process
             return
         fields: Dict[str, str] = {}
@@ -4748,19 +4752,27 @@ class _TrustedASGI:
         raw = scope.get("raw_path") or scope["path"].encode("utf-8")
         target = _canonical_target(bytes(raw).decode("latin-1"),
                                    bytes(scope.get("query_string", b"")).decode("latin-1"))
-        tags = _tags(self.key, self.max_age, scope["method"], target, fields.get)
+        method = scope.get("method", "GET")
+        tags = _tags(self.key, self.max_age, method, target, fields.get)
         if tags is None:
-            await send({"type": "http.response.start", "status": 401,
+            prefix = ""
+            if kind == "websocket":
+                if "websocket.http.response" not in extensions:
+                    # Closed before it is accepted: the server answers 403.
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                prefix = "websocket."  # the denial-response extension: our 401
+            await send({"type": prefix + "http.response.start", "status": 401,
                         "headers": [(b"content-type", b"text/plain"),
                                     (b"content-length", str(len(_DENIED)).encode())]})
-            await send({"type": "http.response.body", "body": _DENIED})
+            await send({"type": prefix + "http.response.body", "body": _DENIED})
             return
         inner = dict(scope)
         inner["headers"] = [(name, value) for name, value in scope.get("headers", ())
                             if not bytes(name).lower().startswith(b"inproc-")]
         inner["extensions"] = dict(scope.get("extensions") or {})
         inner["extensions"]["inproc"] = {"source": tags[0], "actor": tags[1]}
-        token = _exchange.set(_Exchange("trusted", tags[0], tags[1], scope["method"]))
+        token = _exchange.set(_Exchange("trusted", tags[0], tags[1], method))
         try:
             await self.app(inner, receive, send)
         finally:

@@ -8068,6 +8068,44 @@ def test_trusted_asgi_app_checks_the_signature_and_sets_the_tags(remote):
     assert len(seen) == 1
 
 
+@pytest.mark.parametrize("denial", [False, True], ids=["close", "denial-response"])
+@pytest.mark.parametrize("forged", [False, True], ids=["unsigned", "forged"])
+def test_trusted_asgi_app_refuses_an_unsigned_websocket(denial, forged):
+    """A WebSocket handshake is a request too: unsigned (or forged) it never reaches
+    the app, refused before it is accepted -- a close (the server answers 403), or 401
+    where the server offers the ASGI denial-response extension."""
+    seen, sent = [], []
+
+    async def app(scope, receive, send):  # pragma: no cover - must not run
+        seen.append(scope["type"])
+
+    headers = [(b"host", b"api")] + [(name.lower().encode(), value.encode())
+                                     for name, value in (_FORGED.items() if forged else ())]
+    scope = {"type": "websocket", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "scheme": "ws", "path": "/ws", "raw_path": b"/ws", "query_string": b"",
+             "root_path": "", "headers": headers, "subprotocols": [],
+             "extensions": {"websocket.http.response": {}} if denial else {}}
+
+    async def run():
+        async def receive():
+            return {"type": "websocket.connect"}
+
+        async def send(message):
+            sent.append(message)
+
+        await asyncio.wait_for(ib.trusted(app, KEY)(scope, receive, send), WAIT)
+
+    asyncio.run(run())
+    assert seen == []
+    if denial:
+        assert [m["type"] for m in sent] == ["websocket.http.response.start",
+                                             "websocket.http.response.body"]
+        assert sent[0]["status"] == 401
+        assert KEY not in sent[1]["body"]
+    else:
+        assert [m["type"] for m in sent] == ["websocket.close"]
+
+
 @pytest.mark.parametrize("app_kind", [*WSGI_KINDS, "asgi"])
 def test_trusted_app_served_in_process_behaves_as_the_app_itself(app_kind):
     """The same calls to an app and to trusted(app) in-process: same responses, same
