@@ -1183,6 +1183,10 @@ class _Exchange:
         try:
             if self.slot is None:
                 raise RuntimeError("this exchange has no head slot")
+            if self.error is not None:
+                # Dropped (drain's cancel) before this slot was made: abort()
+                # had no slot to put its error in.
+                raise self.error
             start = time.monotonic()
             head = self.slot.take(timeout)
             if isinstance(head, BaseException):
@@ -1619,6 +1623,10 @@ class _HandlerRun:
         self.inbound: Optional[BodyPipe] = None  # rfile's pipe for a streamed request
         exchange.raw = True
         exchange.pipe = BodyPipe(read_timeout=timeout, on_close=exchange.leave)
+        if exchange.error is not None:
+            # Dropped (drain's cancel) before this pipe was made: abort() had
+            # no pipe to cut, so the caller's first read gets its error here.
+            exchange.pipe.abort(exchange.error)
         if exchange.call is not None or exchange.fault is not None:
             exchange.parser = _RawParser(exchange.method)
         self.capture: Optional[Call] = None  # the journal's call, for a streamed body

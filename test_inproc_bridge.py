@@ -7078,6 +7078,29 @@ def test_drain_cancels_endless_streams_at_the_deadline_and_counts_them(app_kind)
     assert seen == [_left(app_kind)] * 2
 
 
+def test_drain_cancels_a_request_caught_before_its_app_was_reached(app_kind, monkeypatch):
+    """A request drain() cancels in the moment between reaching the bridge and its
+    app (here: a drain(0) at that very point): counted, and its caller hears at once
+    -- not after its whole timeout (socket.timeout), or never without one."""
+    kind = "wsgi" if app_kind in WSGI_KINDS else app_kind
+    serve, drained = ib._SERVE[kind], []
+
+    def serve_after_a_drain(bridge, *args):
+        drained.append(bridge.drain(0))
+        return serve(bridge, *args)
+
+    monkeypatch.setitem(ib._SERVE, kind, serve_after_a_drain)
+    timeout = None if KIND_TIMEOUT[app_kind] is None else WAIT  # (a long one: "at once" shows)
+    with Bridge({"api": make_app(app_kind, _ok([]))}) as (opener, _):
+        started = time.monotonic()
+        with pytest.raises((*ALLOWED, urllib.error.URLError)) as info:
+            with opener.open("inproc://api/", timeout=timeout) as resp:
+                resp.read()
+        assert time.monotonic() - started < WAIT / 2
+    assert not isinstance(info.value, socket.timeout), repr(info.value)
+    assert drained == [1]
+
+
 def test_drain_returns_once_the_caller_closes_its_stream(app_kind):
     """Closing the response ends an exchange as reading it to the end does: the drain
     returns 0 well before its deadline; the app sees its caller leave."""
