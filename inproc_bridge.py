@@ -867,6 +867,7 @@ class _Exchange:
     declared: Optional[str] = None  # the head's Content-Length, as sent
     remote = False  # a remote mount's: its redirects are not followed
     bare = False  # read by plain http.client (intercept), not by a _Response
+    dropped: Optional[BaseException] = None  # drain's cancel of an answer read only in part
     table: Optional[_Mounts] = None  # whose drain waits for it
     _event: Optional[threading.Event] = None
 
@@ -1117,11 +1118,15 @@ class _Exchange:
         if self.abort(error):
             return True
         pipe = self.pipe
-        if self.state == _DONE and pipe is not None and not pipe.reader_closed and (
-                pipe.discard(error)):
-            self.leave()
-            return True
-        return False  # the caller has every byte already: nothing to cancel
+        if self.state != _DONE or pipe is None or pipe.reader_closed:
+            return False  # the caller has read it to the end: nothing to cancel
+        # Not read to the end: what waits in the pipe goes, and what the
+        # caller's buffers hold (a handler class's head brings its body
+        # along) is not served either -- its response raises.
+        pipe.discard(error)
+        self.dropped = error
+        self.leave()
+        return True
 
     def leave(self) -> None:
         """The caller closed, dropped or timed out on the response."""
@@ -3154,6 +3159,17 @@ class _Response(http.client.HTTPResponse):
 
     _exchange: Optional[_Exchange] = None  # set by whoever makes it
 
+    def _reading(self) -> bool:
+        """Whether the body is still open -- ``drain()``'s cancel of an
+        answer read only in part raises here, also for bytes already in
+        this response's buffer."""
+        if self.fp is None:
+            return False
+        exchange = self._exchange
+        if exchange is not None and exchange.dropped is not None:
+            raise exchange.dropped
+        return True
+
     def _ended_short(self, data: bytes = b"") -> None:
         exchange = self._exchange
         if exchange is not None and exchange.short is not None:
@@ -3177,7 +3193,7 @@ class _Response(http.client.HTTPResponse):
             raise http.client.IncompleteRead(exc.partial + inner.partial) from None
 
     def read(self, amt: Optional[int] = None) -> bytes:
-        live = self.fp is not None
+        live = self._reading()
         exchange = self._exchange
         if exchange is None or exchange.fault is None:  # no Fault: the usual case
             data: bytes = super().read(amt)
@@ -3190,7 +3206,7 @@ class _Response(http.client.HTTPResponse):
         return data
 
     def readinto(self, b: Any) -> int:
-        live = self.fp is not None
+        live = self._reading()
         exchange = self._exchange
         if exchange is not None and exchange.fault is not None:
             n: int = self._cut_read(super().readinto, b)
@@ -3201,14 +3217,14 @@ class _Response(http.client.HTTPResponse):
         return n
 
     def read1(self, n: int = -1) -> bytes:
-        live = self.fp is not None
+        live = self._reading()
         data = super().read1(n)
         if live and not data and n:
             self._ended_short()
         return data
 
     def readline(self, limit: Optional[int] = -1) -> bytes:
-        live = self.fp is not None
+        live = self._reading()
         data = super().readline(-1 if limit is None else limit)
         if live and not data and limit:
             self._ended_short()

@@ -7101,6 +7101,17 @@ def test_drain_cancels_a_request_caught_before_its_app_was_reached(app_kind, mon
     assert drained == [1]
 
 
+def test_drain_cancels_an_answer_its_caller_has_not_read(app_kind):
+    """An app that has answered in full, a caller that holds the response unread: in
+    flight until the deadline, then cancelled and counted, and the caller's read
+    raises -- on every path, whichever buffer the answer's bytes wait in."""
+    with Bridge({"api": make_app(app_kind, _ok([]))}) as (opener, handler):
+        with opener.open("inproc://api/", timeout=KIND_TIMEOUT[app_kind]) as resp:
+            assert handler.drain(DRAIN_DEADLINE) == 1
+            with pytest.raises(ALLOWED):
+                resp.read()
+
+
 def test_drain_returns_once_the_caller_closes_its_stream(app_kind):
     """Closing the response ends an exchange as reading it to the end does: the drain
     returns 0 well before its deadline; the app sees its caller leave."""
