@@ -4334,8 +4334,8 @@ class _InterceptSocket:
             return io.BufferedReader(_Failing(answer))
         if isinstance(answer, _HandlerRun):
             answer.end_request()
-            return io.BufferedReader(answer.response_file())
-        return io.BufferedReader(_Rendered(answer, method))
+            return _KeepingReader(answer.response_file())
+        return _KeepingReader(_Rendered(answer, method))
 
     def settimeout(self, timeout: Optional[float]) -> None:
         self._timeout = timeout
@@ -4354,6 +4354,47 @@ class _InterceptSocket:
                 errno.ECONNABORTED, "the client closed its connection mid-request"))
             self._abandoned.append(answer)  # its response, once made, is closed
         self._inbox = None
+
+
+class _KeepingReader(io.BufferedReader):
+    """The buffered response file of an intercepted http.client connection.
+    A cut (a Fault's, as ``IncompleteRead``) ends the raw stream with an
+    error after the bytes before it; ``io.BufferedReader``'s ``read(n)`` and
+    ``readinto()`` would drop what they had gathered in that call when the
+    raw read raised, so a caller reading in pieces lost the last ones.  This
+    one returns them, and raises at the next read: every byte, then the
+    error -- never a clean short body.  (A reset or a timeout may still take
+    unread bytes with it, as over a socket.)"""
+
+    _held: Optional[BaseException] = None
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        held = self._held
+        if held is not None:
+            self._held = None  # the raw end raises it again from now on
+            raise held
+        parts: List[bytes] = []
+        got = 0
+        whole = size is None or size < 0
+        while whole or got < cast(int, size):
+            try:
+                data = self.read1(-1 if whole else cast(int, size) - got)
+            except http.client.IncompleteRead as exc:
+                if not parts:
+                    raise
+                self._held = exc
+                break
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts)
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        data = self.read(len(view))
+        view[:len(data)] = data
+        return len(data)
 
 
 class _Failing(_ChunkReader):
