@@ -3809,6 +3809,14 @@ class InProcHandler(urllib.request.BaseHandler):
         if entry.fault is not None:
             fault = entry.take_fault()
             if fault is not None and fault.status is not None:
+                if fault.delay:
+                    # A slow refusal: the head comes ``delay`` late, or the
+                    # caller's timeout passes first, as for an app's head.
+                    exchange.fault = _FaultRun(fault)
+                    exchange.head_at = time.monotonic()
+                    exchange.hold_head(None if request.timeout is None
+                                       else exchange.head_at + request.timeout)
+                    exchange.fault = None
                 return _answer(request, exchange, fault.status)
             exchange.fault = None if fault is None else _FaultRun(fault)
         # The app runs in a copy of the caller's context, on whichever thread.
@@ -4631,7 +4639,8 @@ class Fault:
 
     ``status``: answer with this status and an empty body, without calling
     the app.  ``delay``: the head reaches the caller this many seconds
-    late; ``chunk_delay``: each body chunk does.  After ``cut_after`` body
+    late (with ``status``, the answer does); ``chunk_delay``: each body
+    chunk does.  After ``cut_after`` body
     bytes the body ends as if the connection dropped (the caller's read
     raises ``http.client.IncompleteRead``); after ``reset_after`` the
     caller's read raises ``ConnectionResetError``; after ``stall_after``

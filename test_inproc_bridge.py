@@ -6539,6 +6539,24 @@ def test_fault_status_answers_without_calling_the_app(app_kind, status):
     assert seen == []
 
 
+def test_fault_status_with_a_delay_is_a_slow_refusal(app_kind):
+    """Fault(status=503, delay=S): the 503 comes S seconds late, and a shorter
+    timeout raises socket.timeout from open() (journaled "timeout"), as for an
+    app's delayed head; the app is never called."""
+    seen = []
+    with _served(app_kind, _body_logic(b"app", seen=seen), fault=ib.Fault(status=503, delay=0.2),
+                 record=True) as (opener, bridge, _):
+        start = time.monotonic()
+        with _http_error(503):
+            opener.open("inproc://api/", timeout=WAIT)
+        assert time.monotonic() - start >= 0.2
+        with pytest.raises(socket.timeout):
+            opener.open("inproc://api/", timeout=0.05)
+        assert [(_settled(call), call.status) for call in bridge.calls] == [
+            ("refused", 503), ("timeout", None)]
+    assert seen == []
+
+
 def test_fault_times_with_a_retry_loop(app_kind):
     """Fault(status=503, times=2): a caller that retries gets two 503s, then
     the app; later requests reach the app untouched.  Recorded as refused."""
