@@ -3112,7 +3112,9 @@ class _Response(http.client.HTTPResponse):
             return False
         lines = data[:end].decode("latin-1").split("\r\n")
         status = _STATUS_LINE.fullmatch(lines[0])
-        if status is None or status.group(2) == "100" or len(lines) > _max_headers() + 1:
+        # (lines: the status line and the fields; http.client counts the
+        # fields and the blank line that ends them.)
+        if status is None or status.group(2) == "100" or len(lines) > _max_headers():
             return False  # 100 Continue: skipped by http.client's own loop
         headers = []
         for line in lines[1:]:
@@ -3259,7 +3261,9 @@ _HEADER_LINE = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*)")
 def _max_headers() -> int:
     # http.client's limits on a response head, applied to the heads the
     # bridge reads without it, so an app gets the same error on every path.
-    # Read from http.client each time: they are its to change.
+    # Read from http.client each time: they are its to change.  It counts the
+    # blank line that ends a head with the fields: a head may hold one field
+    # fewer than the limit.
     limit: int = getattr(http.client, "_MAXHEADERS", 100)
     return limit
 
@@ -3270,7 +3274,7 @@ def _build_response(head: _Head, file: io.BufferedIOBase, req: urllib.request.Re
     max_headers = _max_headers()
     max_line = getattr(http.client, "_MAXLINE", 65536)
     try:
-        if len(headers) > max_headers:
+        if len(headers) >= max_headers:  # the fields and the blank line, as http.client counts
             raise http.client.HTTPException("got more than %d headers" % max_headers)
         for name, value in headers:
             if len(name) + len(value) + 4 > max_line:

@@ -3447,6 +3447,9 @@ _HEADS = {
     "bare-cr": b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\n" + _OK,
     "head-over-8k": b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 9000 + b"\r\n" + _OK,
     "too-many-headers": b"HTTP/1.1 200 OK\r\n" + b"X-N: 1\r\n" * 101 + b"\r\n",
+    # http.client counts the blank line that ends a head: 100 fields are too many.
+    "99-fields": b"HTTP/1.1 200 OK\r\n" + b"X-N: 1\r\n" * 98 + _OK,
+    "100-fields": b"HTTP/1.1 200 OK\r\n" + b"X-N: 1\r\n" * 99 + _OK,
     "http-0.9": b"HTTP/0.9 200 OK\r\n" + _OK,
 }
 
@@ -3505,6 +3508,24 @@ def test_badinput_bad_response_headers_are_refused(app_kind, headers, error, wor
         _call(lambda: opener.open("inproc://api/", timeout=_timeout_for(app_kind)).close())
     assert probe.wait_finished()
     _assert_threads_back(worker_pool)
+
+
+def test_badinput_a_head_of_100_fields_is_refused_as_http_client_refuses_it(app_kind):
+    # http.client refuses a head once its lines, the blank one that ends it
+    # included, pass 100: 99 fields are read, 100 are refused -- counted as
+    # the caller would see them, the server's own Date (and Server) included.
+    def logic(req):
+        extra = int(req.query or 0)
+        return 200, [("Content-Type", "text/plain"), *[("X-H%d" % i, "v") for i in range(extra)],
+                     ("Content-Length", "2")], [b"ok"]
+
+    with serve_kind(app_kind, logic, "api") as (opener, timeout):
+        with opener.open("inproc://api/", timeout=timeout) as resp:
+            base = len(resp.headers)
+        with opener.open("inproc://api/?%d" % (99 - base), timeout=timeout) as resp:
+            assert len(resp.headers) == 99 and resp.read() == b"ok"
+        with pytest.raises(http.client.HTTPException, match="more than 100 headers"):
+            opener.open("inproc://api/?%d" % (100 - base), timeout=timeout).close()
 
 
 @pytest.mark.parametrize("framing", ["length", "chunked"])
