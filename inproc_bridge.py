@@ -1959,7 +1959,10 @@ class _WSGICall:
                        exc_info: Any = None) -> Callable[[bytes], None]:
         if exc_info is not None:
             try:
-                if self.exchange.state != _WAITING:
+                # In the caller's thread data given to write() waits for the
+                # app call to return, but for the app it went out, head and
+                # all: the head is no longer its to replace.
+                if self.exchange.state != _WAITING or any(self.pending):
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None

@@ -3604,6 +3604,50 @@ def test_badinput_start_response_twice_is_500(app_kind, caplog):
     assert probe.wait_finished()
 
 
+@pytest.mark.parametrize("sent", ["nothing", "write", "yield"])
+@pytest.mark.parametrize("app_kind", WSGI_KINDS)
+def test_badinput_start_response_with_exc_info_replaces_the_head_until_it_went_out(
+        app_kind, sent, caplog):
+    # PEP 3333: start_response(..., exc_info) may replace a head not sent
+    # yet; once data went out -- given to write() or yielded -- it re-raises
+    # the app's exception: the caller's read raises, or (data written in the
+    # caller's thread waits for the app call, which failed) the logged 500 --
+    # never the app's error head over the 200's body.
+    seen = []
+
+    def app(environ, start_response):
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        if sent == "write":
+            write(FIRST)
+        elif sent == "yield":
+            yield FIRST
+        try:
+            raise AppFault("the app's error page")
+        except AppFault:
+            try:
+                start_response("503 Later", [("Content-Type", "text/plain")], sys.exc_info())
+            except AppFault:
+                seen.append("re-raised")
+                raise
+        yield b"error page"
+
+    opener = _opener({"api": app})
+    with caplog.at_level(logging.CRITICAL, logger="inproc_bridge"):
+        if sent == "nothing":
+            with _http_error(503) as info:
+                opener.open("inproc://api/", timeout=_timeout_for(app_kind))
+            assert info.value.d_body == b"error page" and seen == []
+            return
+        if sent == "write" and app_kind == "wsgi-inline":
+            assert _expect_500(opener, app_kind) == (500, _ERROR_BODY)
+        else:
+            with opener.open("inproc://api/", timeout=_timeout_for(app_kind)) as resp:
+                assert resp.status == 200
+                with pytest.raises(ALLOWED):
+                    resp.read()
+    assert seen == ["re-raised"]
+
+
 @pytest.mark.parametrize("result", [42, None, "text", object()],
                          ids=["int", "None", "str", "object"])
 @pytest.mark.parametrize("app_kind", WSGI_KINDS)
