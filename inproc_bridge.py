@@ -207,12 +207,14 @@ _RECEIVE_LIMIT = 1 << 16
 
 # RFC 9110 token characters for header names; values may not carry control
 # characters other than tab (http.client itself refuses only line breaks, so
-# the bridge checks requests on both paths with these).
+# the bridge checks requests on both paths with these), nor, in a WSGI app's
+# head, characters beyond latin-1 (PEP 3333), which no wire carries: a
+# handler class's send_header() raises on them, wsgiref sends a broken head.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_BAD_VALUE = re.compile("[\x00-\x08\x0a-\x1f\x7f\u0100-\U0010ffff]")
 _BAD_URL_CHAR = re.compile("[\x00-\x20\x7f]")
 _BAD_METHOD_CHAR = re.compile("[\x00-\x1f]")
-_STATUS = re.compile(r"[1-9][0-9]{2} [^\r\n\x00]*")
+_STATUS = re.compile("[1-9][0-9]{2} [^\r\n\x00\u0100-\U0010ffff]*")
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]@/?#\s]+)(?::([0-9]*))?")
 _HOP_BY_HOP = frozenset(
     (

@@ -3648,6 +3648,23 @@ def test_badinput_start_response_with_exc_info_replaces_the_head_until_it_went_o
     assert seen == ["re-raised"]
 
 
+@pytest.mark.parametrize("where", ["header", "reason"])
+@pytest.mark.parametrize("app_kind", SYNC_KINDS)
+def test_badinput_response_text_beyond_latin_1_is_500(app_kind, where, caplog):
+    # No wire carries it (PEP 3333: ISO-8859-1 or RFC 2047): a handler
+    # class's send_header() raises, wsgiref sends a broken head.  In-process
+    # every kind is a logged 500, never a head no server could have sent.
+    text = "r\u00e9sum\u00e9 \u201cv2\u201d"
+    logic = _answer(
+        "200 OK" if where == "header" else "200 " + text,
+        [("Content-Type", "text/plain"), *([("X-File", text)] if where == "header" else [])],
+        b"ok")
+    opener = _opener({"api": make_app(app_kind, logic)})
+    with caplog.at_level(logging.CRITICAL, logger="inproc_bridge"):
+        code, body = _expect_500(opener, app_kind)
+    assert code == 500 and body == _ERROR_BODY
+
+
 @pytest.mark.parametrize("result", [42, None, "text", object()],
                          ids=["int", "None", "str", "object"])
 @pytest.mark.parametrize("app_kind", WSGI_KINDS)
