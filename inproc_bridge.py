@@ -1292,7 +1292,7 @@ class _RawParser:
             self.state = "size"
         elif self.method == "HEAD" or code in (204, 304):
             self.state = "done"
-        elif length.isdigit():
+        elif length.isdecimal():  # (isdigit() takes "\u00b2" too, which int() refuses)
             self.left = int(length)
             self.state = "data" if self.left else "done"
         else:
@@ -4557,7 +4557,7 @@ class Call:
             self._length = 0
             return
         for name, value in headers:
-            if name.lower() == "content-length" and value.strip().isdigit():
+            if name.lower() == "content-length" and value.strip().isdecimal():
                 self._length = int(value)
 
     @property

@@ -6601,6 +6601,22 @@ def test_record_changes_nothing_the_caller_or_the_app_sees(app_kind):
     assert [seen[0] for seen in plain[0]] == [200, 200, 200, 404]
 
 
+def test_record_and_fault_change_nothing_for_a_length_int_cannot_read(app_kind):
+    # "\u00b2" is a digit to str.isdigit(), not to int() -- nor to http.client,
+    # which reads such a body to its end: following the head for the
+    # journal or a Fault must not trip on it where the caller would not.
+    logic = _answer(headers=[("Content-Type", "text/plain"), ("Content-Length", "\u00b2")],
+                    body=b"ok")
+
+    def outcome(**kwargs):
+        with _served(app_kind, logic, **kwargs) as (opener, _, timeout):
+            return _outcome(opener, "inproc://api/", timeout)
+
+    plain = outcome()
+    assert outcome(record=True) == plain
+    assert outcome(fault=ib.Fault(chunk_delay=0.0)) == plain
+
+
 # ---------------------------------------------------------------------------
 # Faults
 # ---------------------------------------------------------------------------
