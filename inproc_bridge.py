@@ -2529,8 +2529,13 @@ class _ASGICall:
                 raise TypeError("ASGI response header %r: name and value must be bytes" % (pair,))
             field = _header_field(bytes(name).decode("latin-1"), bytes(value).decode("latin-1"),
                                   "ASGI", pair)
-            if field[0].lower() == "content-length" and field[1].strip().isdigit():
-                self.length = int(field[1])
+            if field[0].lower() == "content-length":
+                # uvicorn drops the connection on a length that is no number,
+                # or on two that differ (h11): no server sends such a head.
+                length = field[1].strip()
+                if not length.isdecimal() or self.length not in (None, int(length)):
+                    raise ValueError("bad ASGI response Content-Length %r" % (pair,))
+                self.length = int(length)
             headers.append(field)
         if status in (204, 304) or status < 200:
             self.no_body = True

@@ -3344,6 +3344,37 @@ def test_asgi_protocol_errors_in_send():
     assert isinstance(results["too-long"], RuntimeError)
 
 
+@pytest.mark.parametrize("lengths, body", [
+    ([b"two"], b"ok"), ([b"\xb2"], b"ok"), ([b"-2"], b"ok"), ([b"2"], b"ok"),
+    ([b"2", b"5"], b"hello"), ([b"5", b"2"], b"ok"), ([b"2", b"2"], b"ok"),
+], ids=["word", "superscript", "negative", "one", "first-shorter", "first-longer", "same-twice"])
+def test_asgi_content_length_no_number_or_in_conflict_is_refused_in_send(lengths, body):
+    # uvicorn refuses such a head (h11 and httptools alike: the connection
+    # drops); in-process send() raises, so the caller gets the 500 -- not the
+    # body cut at the first length, nor read to the end past a length that
+    # no server sent.
+    raised = []
+
+    async def app(scope, receive, send):
+        assert scope["type"] == "http"
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", n) for n in lengths]})
+        except ValueError as exc:
+            raised.append(exc)
+            raise
+        await send({"type": "http.response.body", "body": body})
+
+    with Bridge({"api": app}) as (opener, _):
+        if len(set(lengths)) == 1 and lengths[0].isdigit():
+            with opener.open("inproc://api/", timeout=WAIT) as resp:
+                assert resp.read() == body and not raised
+            return
+        with _http_error(500):
+            opener.open("inproc://api/", timeout=WAIT)
+    assert len(raised) == 1
+
+
 @pytest.mark.parametrize("url, error, words", [
     ("inproc:///x", urllib.error.URLError, "no host given"),
     *((url, urllib.error.URLError, "api")
