@@ -1284,13 +1284,14 @@ class _RawParser:
         if self.method is not None:
             status = lines[0].split(None, 2) if lines else []
             code = int(status[1]) if len(status) > 1 and status[1].isdigit() else 0
-            if 100 <= code < 200:
-                return  # an interim head: the real one follows
+            if code == 100:
+                return  # 100 Continue: the real head follows (any other 1xx is
+                # the answer to http.client, which skips only this one)
             self.head = (code, status[2].decode("latin-1") if len(status) > 2 else "", fields)
         length = first.get("content-length", "")
         if first.get("transfer-encoding", "").lower() == "chunked":
             self.state = "size"
-        elif self.method == "HEAD" or code in (204, 304):
+        elif self.method == "HEAD" or code in (204, 304) or 100 < code < 200:
             self.state = "done"
         elif length.isdecimal():  # (isdigit() takes "\u00b2" too, which int() refuses)
             self.left = int(length)

@@ -6648,6 +6648,28 @@ def test_record_and_fault_change_nothing_for_a_length_int_cannot_read(app_kind):
     assert outcome(fault=ib.Fault(chunk_delay=0.0)) == plain
 
 
+def test_record_and_fault_take_a_handlers_103_as_http_client_takes_it():
+    # http.client skips 100 Continue and no other 1xx: a 103 it reads as the
+    # (bodiless) answer.  The journal records that head, and a Fault that cuts
+    # the body leaves it whole, instead of following the 200 written after it.
+    def early_hints(handler):
+        handler.send_response_only(103)
+        handler.send_header("Link", "</style.css>; rel=preload")
+        handler.end_headers()
+        _respond(handler, 200, b"after the hints")
+
+    handler = _handler(do_GET=early_hints, protocol_version="HTTP/1.1")
+    with _loopback(handler) as base:
+        want = _observe(_net_opener(), base + "/")
+    assert want[:2] == ("HTTPError", 103)
+    for fault in (None, ib.Fault(cut_after=3)):
+        with Bridge({}, record=True) as (opener, bridge):
+            bridge.mount("api", handler, fault=fault)
+            assert _observe(opener, "inproc://api/") == want
+            call = bridge.calls.last
+            assert (call.status, call.response_body, call.outcome) == (103, b"", "complete")
+
+
 # ---------------------------------------------------------------------------
 # Faults
 # ---------------------------------------------------------------------------
