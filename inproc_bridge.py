@@ -1257,7 +1257,15 @@ class _RawParser:
         if state == "crlf":
             self.state = "size"
         elif state == "size":
-            self.left = int(line.split(b";")[0].strip() or b"0", 16)
+            try:
+                self.left = int(line.split(b";")[0].strip() or b"0", 16)
+            except ValueError:
+                self.left = -1
+            if self.left < 0:
+                # http.client fails the read on this line: nothing after it is
+                # body (and the watcher must not fail the app's write).
+                self.state = "done"
+                return
             self.state = "chunk" if self.left else "trailer"
         elif state == "trailer":
             self.state = "trailer" if line else "done"

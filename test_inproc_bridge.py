@@ -6648,6 +6648,26 @@ def test_record_and_fault_change_nothing_for_a_length_int_cannot_read(app_kind):
     assert outcome(fault=ib.Fault(chunk_delay=0.0)) == plain
 
 
+@pytest.mark.parametrize("size", [b"zz", b"-2", b"\xb2"],
+                         ids=["not-hex", "negative", "superscript"])
+def test_record_and_fault_change_nothing_for_a_chunk_size_http_client_refuses(size):
+    # Following a handler class's chunked body for the journal or a Fault must
+    # not fail on a size line http.client itself refuses (it raises from the
+    # read): the caller gets that same error, promptly -- it waited out its
+    # timeout for a head, and without one for ever.
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\nok\r\n0\r\n\r\n" % size
+
+    def outcome(**kwargs):
+        with Bridge({}, record=kwargs.get("record", False)) as (opener, bridge):
+            bridge.mount("api", _raw_handler(None, raw), fault=kwargs.get("fault"))
+            return _call(lambda: _outcome(opener, "inproc://api/", timeout=WAIT))
+
+    plain = outcome()
+    assert plain[0] == "raises"
+    assert outcome(record=True) == plain
+    assert outcome(fault=ib.Fault(chunk_delay=0.0)) == plain
+
+
 def test_record_and_fault_take_a_handlers_103_as_http_client_takes_it():
     # http.client skips 100 Continue and no other 1xx: a 103 it reads as the
     # (bodiless) answer.  The journal records that head, and a Fault that cuts
