@@ -782,7 +782,7 @@ def _failure(name: str, when: str, exc: BaseException) -> ConnectionResetError:
     """The error a reader gets when the app failed mid-response."""
     err = ConnectionResetError(
         errno.ECONNRESET,
-        "in-process app %r failed %s: %s: %s" % (name, when, type(exc).__name__, exc),
+        "in-process app %r failed %s: %s" % (name, when, _describe(exc)),
     )
     err.__cause__ = exc
     return err
@@ -808,7 +808,11 @@ def _log_app_error(exchange: _Exchange, when: str, exc: BaseException) -> None:
 
 
 def _describe(exc: BaseException) -> str:
-    return "%s: %s" % (type(exc).__name__, exc)
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - the error still has to reach the caller
+        text = "<str() failed>"  # as a traceback shows it
+    return "%s: %s" % (type(exc).__name__, text)
 
 
 _date_cache: List[Any] = [0, ""]

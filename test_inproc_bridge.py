@@ -3203,6 +3203,29 @@ def test_error_after_first_chunk_makes_body_read_raise(app_kind, reader, caplog)
     assert any(r.exc_info and r.exc_info[0] is ValueError for r in caplog.records)
 
 
+def test_error_after_first_chunk_whose_str_fails_still_reaches_the_reader(app_kind, caplog):
+    # The error the reader gets names the app's; one whose str() fails must
+    # not stop it on its way (the caller then waited out its timeout, or for
+    # ever without one): as in a traceback, its type stands for it.
+    class Unprintable(AppFault):
+        def __str__(self):
+            raise RuntimeError("this error has no text")
+
+    def logic(req):
+        def body():
+            yield FIRST
+            raise Unprintable()
+
+        return 200, [("Content-Type", "text/plain")], body()
+
+    with caplog.at_level(logging.CRITICAL, logger="inproc_bridge"):
+        with serve_kind(app_kind, logic, "api") as (opener, timeout):
+            with opener.open("inproc://api/", timeout=timeout) as resp:
+                assert resp.read(len(FIRST)) == FIRST
+                with pytest.raises(ConnectionResetError, match="Unprintable: <str"):
+                    resp.read()
+
+
 @pytest.mark.parametrize("failure", ["short", "raise"])
 def test_error_response_with_a_broken_body_is_httperror_first(app_kind, failure, caplog):
     # As over TCP: open() raises HTTPError at once; only reading its body fails.
