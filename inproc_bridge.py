@@ -3218,8 +3218,10 @@ class _Response(http.client.HTTPResponse):
             raise http.client.IncompleteRead(exc.partial + inner.partial) from None
 
     def read(self, amt: Optional[int] = None) -> bytes:
-        live = self._reading()
+        live = self.fp is not None
         exchange = self._exchange
+        if exchange is not None and exchange.dropped is not None and live:
+            raise exchange.dropped  # (_reading(), written out: every response's path)
         if exchange is None or exchange.fault is None:  # no Fault: the usual case
             data: bytes = super().read(amt)
         else:
