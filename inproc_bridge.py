@@ -2545,10 +2545,11 @@ class _ASGICall:
             if field[0].lower() == "content-length":
                 # uvicorn drops the connection on a length that is no number,
                 # or on two that differ (h11): no server sends such a head.
-                length = field[1].strip()
-                if not length.isdecimal() or self.length not in (None, int(length)):
+                text = field[1].strip()
+                length = int(text) if text.isdecimal() else -1
+                if length < 0 or self.length not in (None, length):
                     raise ValueError("bad ASGI response Content-Length %r" % (pair,))
-                self.length = int(length)
+                self.length = length
             headers.append(field)
         if status in (204, 304) or status < 200:
             self.no_body = True
@@ -4871,9 +4872,11 @@ class _TrustedASGI:
             await send({"type": prefix + "http.response.body", "body": _DENIED})
             return
         inner = dict(scope)
+        # Both spellings, as _TrustedWSGI drops both (a WSGI server reads
+        # Inproc_Source as HTTP_INPROC_SOURCE): no tag is read off a header.
         inner["headers"] = [(name, value) for name, value in scope.get("headers", ())
-                            if not bytes(name).lower().startswith(b"inproc-")]
-        inner["extensions"] = dict(scope.get("extensions") or {})
+                            if not bytes(name).lower().replace(b"_", b"-").startswith(b"inproc-")]
+        inner["extensions"] = dict(extensions)
         inner["extensions"]["inproc"] = {"source": tags[0], "actor": tags[1]}
         token = _exchange.set(_Exchange("trusted", tags[0], tags[1], method))
         try:

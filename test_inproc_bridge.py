@@ -8314,6 +8314,24 @@ def test_trusted_asgi_app_checks_the_signature_and_sets_the_tags(remote):
     assert len(seen) == 1
 
 
+def test_trusted_asgi_app_drops_inproc_headers_in_either_spelling(remote):
+    """A signed request with Inproc_* headers a client added on its own: the ASGI
+    app sees neither spelling, as a WSGI app behind trusted() sees no HTTP_INPROC_*."""
+    good = _capture_signed(remote)
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(sorted(n for n, _ in scope["headers"] if n[:7] in (b"inproc-", b"inproc_")))
+        await _receive_messages(receive)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    scope = _asgi_scope(good)
+    scope["headers"] += [(b"inproc_source", b"admin"), (b"inproc_extra", b"smuggled")]
+    assert _call_asgi(ib.trusted(app, KEY), scope) == (200, b"ok")
+    assert seen == [[]]
+
+
 @pytest.mark.parametrize("denial", [False, True], ids=["close", "denial-response"])
 @pytest.mark.parametrize("forged", [False, True], ids=["unsigned", "forged"])
 def test_trusted_asgi_app_refuses_an_unsigned_websocket(denial, forged):
